@@ -1,0 +1,24 @@
+"""CI runs .ci/run, which must end with exactly the test command the README gives."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    return [line for line in first_block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_opens_with_two_fresh_machine_commands():
+    setup, tests = _readme_commands()
+    assert setup.startswith("python3 -m venv .venv") and "pip install torch==2.13.0" in setup
+    assert "accelerate launch examples/" in setup
+    assert tests.startswith("python3 -m venv .venv") and tests.endswith("python -m pytest -q")
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [_readme_commands()[1]]
