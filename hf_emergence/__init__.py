@@ -1,0 +1,21 @@
+"""hf_emergence: emergence-promoting initialisation (Li, George & Silva, arXiv 2407.19044) for Hugging Face models.
+
+    from hf_emergence import EmergenceInit, from_config
+    plan = EmergenceInit(alpha=1.2).apply(model)                       # any nn.Module
+    model = from_config(AutoModelForSeq2SeqLM, config, alpha=1.2)      # inside transformers' construction
+"""
+
+__version__ = "0.1.0"
+
+from .architectures import discover, get_architecture, list_architectures, register_architecture, unregister_architecture
+from .emergence_init import AlreadyAppliedError, EmergenceInit, already_applied
+from .layout import Block, Layout, Member, Stack
+from .modeling import EmergenceInitMixin, from_config, resolve_model_class
+from .plan import EmergencePlan, PlanEntry
+from .schedule import exponents, scale_factor
+
+__all__ = [
+    "AlreadyAppliedError", "Block", "EmergenceInit", "EmergenceInitMixin", "EmergencePlan", "Layout", "Member",
+    "PlanEntry", "Stack", "already_applied", "discover", "exponents", "from_config", "get_architecture",
+    "list_architectures", "register_architecture", "resolve_model_class", "scale_factor", "unregister_architecture",
+]

@@ -1,0 +1,146 @@
+"""What layer discovery returns: the weight tensors of a model grouped into ordered stacks of blocks.
+
+A :class:`Layout` is pure structure (names, roles, fans), never tensor data, so it can be built for
+a model on the meta device. The planner turns it into exponents:
+
+* ``layer_unit="block"``: each block is one layer of the schedule (a Transformer block, a residual
+  block); every scaled tensor in block l is multiplied by alpha**k_l.
+* ``layer_unit="matrix"``: every scaled tensor is its own layer, in forward order (a conv / MLP layer);
+  a ``shortcut`` member (1x1 projection beside a residual branch) shares the exponent of the last
+  main-path member before it instead of taking a slot of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Roles of a weight tensor. Attention roles decide what the ``attention`` setting scales.
+ATTN_Q, ATTN_K, ATTN_V, ATTN_O, ATTN_QKV = "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv"
+FFN, CONV, LINEAR, SHORTCUT = "ffn", "conv", "linear", "shortcut"
+ROLES = (ATTN_Q, ATTN_K, ATTN_V, ATTN_O, ATTN_QKV, FFN, CONV, LINEAR, SHORTCUT)
+
+#: ``attention`` setting -> roles that keep their scale (still re-initialised by the base init).
+#: "vo" (default): scaling Q and K multiplies the attention logits by alpha**(2k), a softmax temperature
+#: change, so they are left alone; V and O act linearly on the residual stream and are scaled.
+#: "none": attention untouched, only feed-forward matrices (the follow-up paper's reading).
+#: "all": every matrix in the block, Q/K included.
+UNSCALED_ROLES = {
+    "vo": frozenset({ATTN_Q, ATTN_K, ATTN_QKV}),
+    "none": frozenset({ATTN_Q, ATTN_K, ATTN_V, ATTN_O, ATTN_QKV}),
+    "all": frozenset(),
+}
+LAYER_UNITS = ("block", "matrix")
+
+_ATTENTION_SCOPE = re.compile(r"(?i)(^|\.)[a-z_]*(attn|attention)[a-z_]*(\.|$)")
+_ROLE_BY_LEAF = (
+    (re.compile(r"(?i)^(q|q_proj|query|q_lin|wq|to_q|q_proj_weight)$"), ATTN_Q),
+    (re.compile(r"(?i)^(k|k_proj|key|k_lin|wk|to_k|k_proj_weight)$"), ATTN_K),
+    (re.compile(r"(?i)^(v|v_proj|value|v_lin|wv|to_v|v_proj_weight)$"), ATTN_V),
+    (re.compile(r"(?i)^(qkv|c_attn|query_key_value|wqkv|in_proj|in_proj_weight|qkv_proj)$"), ATTN_QKV),
+)
+_SHORTCUT = re.compile(r"(?i)(^|\.)(shortcut|downsample|skip|residual_proj)(\.|$)")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One weight tensor: ``param`` is its full parameter name, ``role`` one of :data:`ROLES`.
+
+    ``fan_in``/``fan_out`` are the module's true fans (a transformers ``Conv1D`` stores its weight
+    transposed, so they cannot be read off the shape); the base initialisers use them.
+    """
+
+    param: str
+    role: str
+    fan_in: int
+    fan_out: int
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role={self.role!r} for {self.param!r} is not one of {', '.join(ROLES)}")
+
+
+@dataclass
+class Block:
+    """A group of members that counts as one layer when ``layer_unit="block"``."""
+
+    name: str
+    members: list[Member] = field(default_factory=list)
+
+
+@dataclass
+class Stack:
+    """An independently indexed chain of blocks (an encoder, a decoder, or the whole model)."""
+
+    name: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+@dataclass
+class Layout:
+    """Discovery result: stacks in forward order plus the architecture's defaults.
+
+    ``source`` says how the layout was found ("registry:marian", "traced", "registration-order"),
+    so a plan can tell the user what it relied on.
+    """
+
+    stacks: list[Stack]
+    layer_unit: str
+    base_init: str
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def members(self) -> list[Member]:
+        return [m for s in self.stacks for b in s.blocks for m in b.members]
+
+
+def role_from_name(relative_name: str, is_conv: bool = False) -> str:
+    """Classify a weight by its module path (relative to its block).
+
+    Inside an attention scope (a path component containing "attn"/"attention"), q/k/v/fused-qkv are
+    recognised by the leaf name and anything else (out_proj, o, output.dense, c_proj) is the output
+    projection. Outside attention: shortcut projections by name, then conv or feed-forward.
+    """
+    leaf = relative_name.rsplit(".", 1)[-1]
+    if _ATTENTION_SCOPE.search(relative_name):
+        for pattern, role in _ROLE_BY_LEAF:
+            if pattern.match(leaf):
+                return role
+        return ATTN_O
+    if _SHORTCUT.search(relative_name):
+        return SHORTCUT
+    return CONV if is_conv else FFN
+
+
+def conv_fans(shape: tuple[int, ...], groups: int = 1) -> tuple[int, int]:
+    """(fan_in, fan_out) of a ConvNd / Linear weight of shape (out, in/groups, *kernel)."""
+    receptive = 1
+    for s in shape[2:]:
+        receptive *= s
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def member_for(name: str, module: "object", param_name: str = "weight", role: Optional[str] = None,
+               relative_name: Optional[str] = None) -> Member:
+    """Build a :class:`Member` for ``module.<param_name>``, computing fans from the module type."""
+    import torch.nn as nn
+
+    param = getattr(module, param_name)
+    shape = tuple(param.shape)
+    is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    if _is_hf_conv1d(module):  # transformers.pytorch_utils.Conv1D: weight is (in, out)
+        fan_in, fan_out = shape[0], shape[1]
+    elif isinstance(module, nn.MultiheadAttention):  # fused in_proj_weight (3d, d): fans of one d -> d projection
+        fan_in, fan_out = shape[1], shape[1]
+    else:
+        fan_in, fan_out = conv_fans(shape) if len(shape) >= 2 else (shape[0], shape[0])
+    if role is None:
+        role = role_from_name(relative_name if relative_name is not None else name, is_conv=is_conv)
+    full = f"{name}.{param_name}" if name else param_name
+    return Member(param=full, role=role, fan_in=int(fan_in), fan_out=int(fan_out))
+
+
+def _is_hf_conv1d(module: object) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")

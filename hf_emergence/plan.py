@@ -1,0 +1,270 @@
+"""The plan: which tensor gets which exponent, computed from names and shapes only.
+
+An :class:`EmergencePlan` is an ordered list of :class:`PlanEntry` (one per weight tensor that the
+init touches) plus the settings that produced it. It is deterministic, JSON-serialisable, printable,
+and can be applied tensor by tensor, which is what sharded training needs (see ``docs/scaling.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from .base_init import base_init_
+from .layout import SHORTCUT, UNSCALED_ROLES, Layout, Member
+from .schedule import exponents, middle_shrink, scale_factor
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One weight tensor of the plan.
+
+    ``layer`` is the index of its layer in its chain and ``k`` the exponent (``None`` and factor 1.0
+    for tensors that are re-initialised but keep their scale, e.g. attention Q/K under
+    ``attention="vo"``). ``aliases`` lists other names of the same Parameter (tied weights).
+    """
+
+    name: str
+    chain: str
+    layer: Optional[int]
+    block: str
+    role: str
+    k: Optional[float]
+    factor: float
+    shape: tuple[int, ...]
+    fan_in: int
+    fan_out: int
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def scaled(self) -> bool:
+        return self.factor != 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"], d["aliases"] = list(self.shape), list(self.aliases)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PlanEntry":
+        return cls(**{**d, "shape": tuple(d["shape"]), "aliases": tuple(d.get("aliases", ()))})
+
+
+@dataclass
+class EmergencePlan:
+    """Ordered per-tensor plan plus the settings and discovery facts behind it."""
+
+    settings: dict[str, Any]
+    base_init: str
+    layer_unit: str
+    source: str
+    model: str
+    entries: list[PlanEntry] = field(default_factory=list)
+    chains: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    # ---- access -----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[PlanEntry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, name: str) -> PlanEntry:
+        for e in self.entries:
+            if e.name == name or name in e.aliases:
+                return e
+        raise KeyError(f"{name!r} is not in the plan")
+
+    def __contains__(self, name: object) -> bool:
+        return any(e.name == name or name in e.aliases for e in self.entries)
+
+    def factors(self) -> dict[str, float]:
+        """``{parameter name: factor}`` for every entry (aliases included)."""
+        out = {}
+        for e in self.entries:
+            for n in (e.name, *e.aliases):
+                out[n] = e.factor
+        return out
+
+    # ---- application, tensor by tensor --------------------------------------------------------------
+    @torch.no_grad()
+    def apply_entry_(self, entry: PlanEntry, tensor: torch.Tensor, reinit: bool = True,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Base-initialise (unless ``reinit=False``) and scale ``tensor``, or one shard of it, in place.
+
+        The base initialisers depend only on the full tensor's fans (stored in the entry), so a shard
+        is drawn from exactly the distribution the whole tensor would be.
+        """
+        if reinit:
+            base_init_(tensor, self.base_init, entry.fan_in, entry.fan_out, generator=generator)
+        if entry.factor != 1.0:
+            tensor.mul_(entry.factor)
+        return tensor
+
+    def apply_to_state_dict_(self, state_dict: dict[str, torch.Tensor], reinit: bool = True,
+                             generator: Optional[torch.Generator] = None) -> list[str]:
+        """Apply the plan to the planned tensors present in ``state_dict`` (e.g. one rank's shard).
+
+        Each tensor is handled once even when several names point to it; returns the names handled.
+        """
+        by_name = {n: e for e in self.entries for n in (e.name, *e.aliases)}
+        done, seen = [], set()
+        for name, tensor in state_dict.items():
+            entry = by_name.get(name)
+            if entry is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                self.apply_entry_(entry, tensor, reinit=reinit, generator=generator)
+                done.append(name)
+        return done
+
+    # ---- serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "source": self.source, "settings": dict(self.settings),
+                "base_init": self.base_init, "layer_unit": self.layer_unit, "chains": dict(self.chains),
+                "notes": list(self.notes), "entries": [e.to_dict() for e in self.entries]}
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EmergencePlan":
+        return cls(settings=d["settings"], base_init=d["base_init"], layer_unit=d["layer_unit"], source=d["source"],
+                   model=d["model"], entries=[PlanEntry.from_dict(e) for e in d["entries"]],
+                   chains=dict(d.get("chains", {})), notes=list(d.get("notes", [])))
+
+    @classmethod
+    def from_json(cls, text: str) -> "EmergencePlan":
+        return cls.from_dict(json.loads(text))
+
+    # ---- summaries ----------------------------------------------------------------------------------
+    def layers(self) -> list[dict[str, Any]]:
+        """One row per (chain, layer): its k, factor, tensors and parameter count, in plan order."""
+        rows: dict[tuple[str, int], dict[str, Any]] = {}
+        for e in self.entries:
+            if e.layer is None:
+                continue
+            row = rows.setdefault((e.chain, e.layer), {"chain": e.chain, "layer": e.layer, "block": e.block, "k": e.k,
+                                                      "factor": e.factor, "tensors": 0, "params": 0})
+            row["tensors"] += 1
+            row["params"] += e.numel
+        return list(rows.values())
+
+    def min_activation_scale(self) -> float:
+        """Smallest cumulative scale prod(factor) along any chain (the U-shaped shrink, see schedule)."""
+        alpha, mode = float(self.settings["alpha"]), self.settings.get("scale_mode", "weight")
+        by_chain: dict[str, list[float]] = {}
+        for row in self.layers():
+            by_chain.setdefault(row["chain"], []).append(row["k"])
+        return min((middle_shrink(alpha, ks, mode) for ks in by_chain.values()), default=1.0)
+
+    def __str__(self) -> str:
+        s = self.settings
+        head = (f"EmergencePlan for {self.model}: alpha={s['alpha']} scale_mode={s.get('scale_mode')} "
+                f"base_init={self.base_init} layer_unit={self.layer_unit} chain={s.get('chain')} "
+                f"attention={s.get('attention')} (layers from {self.source})")
+        rows = self.layers()
+        width = max([len(r["block"]) for r in rows] + [5])
+        cw = max([len(r["chain"]) for r in rows] + [5])
+        lines = [head, f"{'chain':<{cw}} {'layer':>5}  {'block':<{width}} {'k':>6} {'factor':>9} {'tensors':>7} {'params':>11}"]
+        for r in rows:
+            lines.append(f"{r['chain']:<{cw}} {r['layer']:>5}  {r['block']:<{width}} {_fmt_k(r['k']):>6} {r['factor']:>9.4f} "
+                         f"{r['tensors']:>7} {r['params']:>11,}")
+        scaled = [e for e in self.entries if e.scaled]
+        kept = [e for e in self.entries if e.layer is None]
+        tail = (f"{len(scaled)} tensors ({sum(e.numel for e in scaled):,} params) scaled across {len(rows)} layers "
+                f"in {len(self.chains)} chain(s)")
+        if kept:
+            tail += f"; {len(kept)} tensors keep their scale ({', '.join(sorted({e.role for e in kept}))})"
+        lines.append(tail)
+        lines.append(f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"EmergencePlan(model={self.model!r}, entries={len(self.entries)}, chains={self.chains})"
+
+
+def _fmt_k(k: Optional[float]) -> str:
+    if k is None:
+        return "-"
+    return str(int(k)) if float(k).is_integer() else f"{k:+.1f}"
+
+
+def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+               aliases: dict[str, tuple[str, ...]], model_name: str) -> EmergencePlan:
+    """Turn a discovered layout into a plan under ``settings`` (the validated EmergenceInit fields).
+
+    ``shapes`` maps canonical parameter names to shapes, ``aliases`` canonical names to their other
+    names. Members matching ``settings["exclude"]`` are dropped; a Parameter met twice (shared across
+    blocks) keeps its first entry.
+    """
+    exclude = [re.compile(p) for p in settings.get("exclude", ())]
+    unscaled_roles = UNSCALED_ROLES[settings["attention"]]
+    layer_unit = layout.layer_unit if settings["layer_unit"] == "auto" else settings["layer_unit"]
+    canonical = {alias: name for name, names in aliases.items() for alias in names}
+
+    # 1. units per stack: lists of (block name, [members]) that share one exponent.
+    stacks: list[tuple[str, list[tuple[str, list[Member]]]]] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for stack in layout.stacks:
+        units: list[tuple[str, list[Member]]] = []
+        for block in stack.blocks:
+            members = []
+            for m in block.members:
+                name = canonical.get(m.param, m.param)
+                if any(rx.search(n) for rx in exclude for n in (name, *aliases.get(name, ()))):
+                    continue
+                if name in seen:
+                    duplicates += 1
+                    continue
+                seen.add(name)
+                members.append(Member(name, m.role, m.fan_in, m.fan_out))
+            if not members:
+                continue
+            if layer_unit == "block":
+                units.append((block.name, members))
+                continue
+            for m in members:  # matrix: each scaled tensor is a layer, shortcuts join the previous one
+                if m.role == SHORTCUT and units:
+                    units[-1][1].append(m)
+                else:
+                    units.append((m.param.rsplit(".", 1)[0], [m]))
+        stacks.append((stack.name, units))
+    if settings["chain"] == "single" and len(stacks) > 1:
+        stacks = [("+".join(n for n, _ in stacks), [u for _, us in stacks for u in us])]
+
+    # 2. exponents per chain over the units that hold at least one scaled member.
+    entries: list[PlanEntry] = []
+    chains: dict[str, int] = {}
+    notes = list(layout.notes)
+    if duplicates:
+        notes.append(f"{duplicates} shared parameter occurrence(s) skipped: each Parameter is scaled once, at its first layer")
+    for chain_name, units in stacks:
+        scaled_units = [u for u in units if any(m.role not in unscaled_roles for m in u[1])]
+        chains[chain_name] = len(scaled_units)
+        ks = exponents(len(scaled_units), settings["even_depth"], settings["pivot"]) if scaled_units else []
+        k_of = {id(u): (i, k) for i, (u, k) in enumerate(zip(scaled_units, ks))}
+        for unit in units:
+            layer, k = k_of.get(id(unit), (None, None))
+            for m in unit[1]:
+                keep = m.role in unscaled_roles or k is None
+                factor = 1.0 if keep else scale_factor(settings["alpha"], k, settings["scale_mode"])
+                entries.append(PlanEntry(name=m.param, chain=chain_name, layer=None if keep else layer, block=unit[0],
+                                         role=m.role, k=None if keep else k, factor=factor, shape=shapes[m.param],
+                                         fan_in=m.fan_in, fan_out=m.fan_out, aliases=aliases.get(m.param, ())))
+    base_init = layout.base_init if settings["base_init"] == "auto" else settings["base_init"]
+    return EmergencePlan(settings=dict(settings), base_init=base_init, layer_unit=layer_unit, source=layout.source,
+                         model=model_name, entries=entries, chains=chains, notes=notes)
