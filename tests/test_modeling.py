@@ -1,0 +1,129 @@
+"""The from_config hook and the mixin: the init runs inside transformers' construction and travels with the checkpoint."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, MarianConfig, MarianMTModel, PreTrainedModel
+
+from hf_emergence import AlreadyAppliedError, EmergenceInit, EmergenceInitMixin, from_config
+from tiny_models import CONFIGS, REGISTERED, hf_class, hf_config
+
+HF_ROWS = REGISTERED + ["gpt2", "bert"]
+
+
+def _explicit(name, init, seed=0):
+    torch.manual_seed(seed)
+    model = hf_class(name)._from_config(hf_config(name))
+    init.apply(model)
+    return model
+
+
+@pytest.mark.parametrize("base_init", ["keep", "auto"])
+@pytest.mark.parametrize("name", HF_ROWS)
+def test_hook_equals_explicit_apply_and_returns_the_stock_class(name, base_init):
+    init = EmergenceInit(alpha=1.3, base_init=base_init)
+    torch.manual_seed(0)
+    hooked = from_config(CONFIGS[name][2], hf_config(name), init)
+    assert type(hooked) is hf_class(name)                      # stock class, not a subclass
+    explicit = _explicit(name, init)
+    assert hooked.emergence_plan == explicit.emergence_plan
+    for (k, a), (_, b) in zip(hooked.state_dict().items(), explicit.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_hook_with_alpha_one_and_keep_equals_stock_from_config():
+    """The throw-away mixin subclass keeps transformers' init RNG path (T5 differs for custom code)."""
+    torch.manual_seed(0)
+    stock = hf_class("t5")._from_config(hf_config("t5"))
+    torch.manual_seed(0)
+    hooked = from_config(CONFIGS["t5"][2], hf_config("t5"), alpha=1.0, base_init="keep")
+    assert all(torch.equal(a, b) for a, b in zip(stock.state_dict().values(), hooked.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["marian", "t5", "vit", "deit", "resnet", "convnext", "gpt2"])
+def test_save_and_load_with_stock_transformers_is_bit_identical(name, tmp_path):
+    torch.manual_seed(0)
+    model = from_config(CONFIGS[name][2], hf_config(name), alpha=1.4)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["emergence_init"]["alpha"] == 1.4 and saved["emergence_init"]["applied"] is True
+    assert saved["architectures"] == [hf_class(name).__name__]
+    loaded = CONFIGS[name][2].from_pretrained(tmp_path) if name != "deit" else hf_class(name).from_pretrained(tmp_path)
+    assert type(loaded) is hf_class(name)
+    assert loaded.config.emergence_init == model.config.emergence_init
+    reference = model.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    with pytest.raises(AlreadyAppliedError, match="loaded from a checkpoint"):
+        EmergenceInit(alpha=1.4).apply(loaded)
+
+
+def test_config_settings_round_trip_and_rebuild_from_saved_config(tmp_path):
+    torch.manual_seed(0)
+    model = from_config(CONFIGS["vit"][2], hf_config("vit"), alpha=1.3, attention="all", layer_unit="matrix")
+    model.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert EmergenceInit.from_dict(config.emergence_init) == EmergenceInit(alpha=1.3, attention="all", layer_unit="matrix")
+    torch.manual_seed(0)
+    rebuilt = from_config(CONFIGS["vit"][2], config)          # no settings given: those in the config are used
+    assert rebuilt.emergence_plan == model.emergence_plan
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+
+
+class TinyMarian(EmergenceInitMixin, MarianMTModel):
+    """A user's own PreTrainedModel subclass that opts into the init through its config."""
+
+
+def test_mixin_applies_when_built_from_config_and_never_on_load(tmp_path):
+    config = hf_config("marian")
+    config.emergence_init = EmergenceInit(alpha=1.5, base_init="keep").to_dict()
+    torch.manual_seed(0)
+    reference = type("Plain", (MarianMTModel,), {})(hf_config("marian")).state_dict()   # same (custom-code) init path
+    torch.manual_seed(0)
+    model = TinyMarian(config)
+    factors = model.emergence_plan.factors()
+    assert len(factors) > 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k] * factors.get(k, 1.0)), k
+    model.save_pretrained(tmp_path)
+    for loader in (TinyMarian, MarianMTModel):
+        loaded = loader.from_pretrained(tmp_path)
+        assert getattr(loaded, "emergence_plan", None) is None        # the mixin did not run on meta
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_mixin_without_settings_is_a_plain_model():
+    torch.manual_seed(0)
+    plain = type("Plain", (MarianMTModel,), {})(hf_config("marian"))
+    torch.manual_seed(0)
+    model = TinyMarian(hf_config("marian"))
+    assert getattr(model, "emergence_plan", None) is None
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+
+
+def test_mixin_skips_meta_construction():
+    config = hf_config("marian")
+    config.emergence_init = EmergenceInit(alpha=1.5).to_dict()
+    with torch.device("meta"):
+        model = TinyMarian(config)
+    assert getattr(model, "emergence_plan", None) is None
+
+
+def test_from_config_argument_errors():
+    with pytest.raises(TypeError, match="pass either init= or setting keywords \\(alpha\\), not both"):
+        from_config(CONFIGS["vit"][2], hf_config("vit"), EmergenceInit(), alpha=1.2)
+    with pytest.raises(ValueError, match="AutoModelForImageClassification has no model for MarianConfig"):
+        from_config(CONFIGS["vit"][2], hf_config("marian"), alpha=1.2)
+    with pytest.raises(TypeError, match="model_class must be an Auto class or a PreTrainedModel subclass"):
+        from_config(dict, hf_config("vit"))
+    with pytest.raises(ValueError, match="alpha=-1.0 is invalid"):
+        from_config(CONFIGS["vit"][2], hf_config("vit"), alpha=-1)
+
+
+def test_from_config_leaves_the_callers_config_alone_and_passes_model_kwargs():
+    config = hf_config("vit")
+    model = from_config(CONFIGS["vit"][2], config, alpha=1.2, attn_implementation="eager")
+    assert not hasattr(config, "emergence_init")
+    assert model.config._attn_implementation == "eager"
