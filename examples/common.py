@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from torch.utils.data import Sampler
 
 from hf_emergence import EmergenceInit, EmergencePlan
+from hf_emergence import config_overrides as _config_overrides
 from hf_emergence.base_init import BASE_INITS
 from hf_emergence.card import model_card
 from hf_emergence.hub import HubError, push_folder
@@ -163,41 +164,19 @@ def check_common_args(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------ config overrides
 def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
-    """``"a=1,b=[2,3],c=true,d=gelu"`` -> ``{"a": 1, "b": [2, 3], "c": True, "d": "gelu"}`` (JSON values, else strings)."""
-    if not text:
-        return {}
-    out, depth, item = {}, 0, ""
-    parts = []
-    for ch in text:
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            parts.append(item)
-            item = ""
-        else:
-            item += ch
-    parts.append(item)
-    for part in parts:
-        if "=" not in part:
-            raise UsageError(f"--config_overrides: {part!r} is not key=value")
-        key, raw = (s.strip() for s in part.split("=", 1))
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = {"True": True, "False": False, "None": None}.get(raw, raw)
-        out[key] = value
-    return out
+    """``"a=1,b=[2,3],c=true,d=gelu"`` -> dict; :func:`hf_emergence.config_overrides.parse_config_overrides` as a UsageError."""
+    try:
+        return _config_overrides.parse_config_overrides(text)
+    except _config_overrides.ConfigOverrideError as err:
+        raise UsageError(str(err)) from None
 
 
 def apply_config_overrides(config: Any, text: Optional[str]) -> Any:
-    """Set each override on ``config``; an unknown key is a UsageError naming the model type and key."""
-    known = set(config.to_dict()) | {k for k in dir(config) if not k.startswith("_")}
-    for key, value in parse_config_overrides(text).items():
-        if key not in known:
-            raise UsageError(f"--config_overrides: the {getattr(config, 'model_type', type(config).__name__)} config "
-                             f"has no key {key!r}")
-        setattr(config, key, value)
-    return config
+    """Set each override on ``config``; an unknown key or rejected value is a UsageError naming the model type and key."""
+    try:
+        return _config_overrides.apply_config_overrides(config, text)
+    except _config_overrides.ConfigOverrideError as err:
+        raise UsageError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------------------------ init
@@ -358,6 +337,7 @@ class TrainState:
     samples_seen: int = 0
     best_metric: Optional[float] = None
     last_eval: dict[str, Any] = field(default_factory=dict)
+    recorded: dict[str, Any] = field(default_factory=dict)   # values measured once, e.g. accuracy after epoch 1
 
 
 class Checkpoints:
@@ -510,7 +490,8 @@ def load_metric(name: str) -> Any:
 # ------------------------------------------------------------------------------------------ final save
 def save_final(accelerator: Accelerator, model: nn.Module, args: argparse.Namespace, *, processing_class: Any = None,
                title: str, task: str, auto_class: str, example: str, datasets: tuple[str, ...] = (),
-               metrics: Optional[dict[str, float]] = None, extra_files: Optional[dict[str, str]] = None) -> None:
+               metrics: Optional[dict[str, float]] = None, extra_files: Optional[dict[str, str]] = None,
+               usage: Optional[str] = None) -> None:
     """``save_pretrained`` (HF models) or ``model.safetensors`` + ``config.json`` (plain modules) plus the
     processing class, a model card and ``all_results.json``; then ``--push_to_hub``."""
     accelerator.wait_for_everyone()
@@ -534,7 +515,7 @@ def save_final(accelerator: Accelerator, model: nn.Module, args: argparse.Namesp
                                                   "max_train_steps", "num_train_epochs", "num_warmup_steps", "seed")}
         card = model_card(title=title, model_class=type(unwrapped).__name__, settings=settings,
                           plan=getattr(unwrapped, "emergence_plan", None), task=task, datasets=datasets,
-                          metrics=metrics, auto_class=auto_class, training=training, example=example)
+                          metrics=metrics, auto_class=auto_class, training=training, example=example, usage=usage)
         _atomic_write(out / "README.md", card)
         _atomic_write(out / "all_results.json", json.dumps(metrics or {}, indent=2))
         logger.info("saved model, card and results to %s", out)

@@ -22,12 +22,13 @@ METRIC_IDS = {"bleu": "sacrebleu", "chrf": "chrf", "accuracy": "accuracy"}
 def model_card(*, title: str, model_class: str, settings: Optional[dict[str, Any]], plan: Optional[EmergencePlan] = None,
                task: Optional[str] = None, datasets: tuple[str, ...] = (), metrics: Optional[dict[str, float]] = None,
                auto_class: str = "AutoModel", training: Optional[dict[str, Any]] = None, example: Optional[str] = None,
-               license: str = "apache-2.0") -> str:
+               license: str = "apache-2.0", usage: Optional[str] = None) -> str:
     """Markdown model card with YAML metadata: settings, plan summary, loading, training and citation.
 
     ``settings`` is ``config.emergence_init`` (``None`` for a baseline without the init); ``metrics``
     maps names ("bleu", "chrf", "accuracy", "loss") to values; ``example`` names the example script
-    that trains it further ("translation" or "vision").
+    that trains it further ("translation" or "vision"); ``usage`` replaces the stock ``from_pretrained``
+    loading text (for checkpoints that are not transformers models).
     """
     tags = ["hf-emergence", "emergence-init"] if settings else ["hf-emergence", "baseline-init"]
     metric_ids = sorted({METRIC_IDS[m] for m in (metrics or {}) if m in METRIC_IDS})
@@ -56,9 +57,13 @@ def model_card(*, title: str, model_class: str, settings: Optional[dict[str, Any
     if training:
         lines += ["", "## Training", "", "| argument | value |", "|---|---|"]
         lines += [f"| `{k}` | `{v}` |" for k, v in training.items() if v is not None]
-    lines += ["", "## Usage", "", "The initialisation is in the weights: stock transformers loads the checkpoint, no "
-              "custom code or `trust_remote_code` needed.", "", "```python",
-              f"from transformers import {auto_class}", f"model = {auto_class}.from_pretrained(\"<this repo or folder>\")", "```"]
+    lines += ["", "## Usage", ""]
+    if usage is not None:
+        lines += [usage]
+    else:
+        lines += ["The initialisation is in the weights: stock transformers loads the checkpoint, no custom code or "
+                  "`trust_remote_code` needed.", "", "```python", f"from transformers import {auto_class}",
+                  f"model = {auto_class}.from_pretrained(\"<this repo or folder>\")", "```"]
     if example:
         lines += ["", "Continue training with the hf-emergence example script:", "", "```bash",
                   f"accelerate launch examples/{example}/run.py --model_name_or_path <this repo or folder>", "```"]

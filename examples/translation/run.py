@@ -196,7 +196,10 @@ def load_splits(args: argparse.Namespace) -> dict[str, list[tuple[str, str]]]:
     for split, pairs in splits.items():
         kept = [(a.strip(), b.strip()) for a, b in pairs if a.strip() and b.strip()]
         if not kept:
-            raise UsageError(f"the {split} data is empty (no line pair with text on both sides)")
+            origin = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}[split] \
+                if args.train_file else None   # name the file the user gave
+            raise UsageError(f"the {split} data{f' ({origin})' if origin else ''} is empty "
+                             "(no line pair with text on both sides)")
         splits[split] = kept
     return splits
 
@@ -325,18 +328,22 @@ def evaluate(accelerator, model, dataloader, tokenizer, references: list[str], a
     loss_sum, loss_tokens = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     for batch in tqdm(dataloader, desc=f"eval {split}", disable=args.no_progress_bar or not accelerator.is_local_main_process,
                       leave=False):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
-        loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=-100,
-                                    reduction="sum")
-        loss_tokens += (batch["labels"] != -100).sum()
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+        token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100,
+                                     reduction="none").view(labels.shape)
         out = generator.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  num_beams=args.num_beams, max_length=args.max_target_length)
         out = accelerator.pad_across_processes(out, dim=1, pad_index=tokenizer.pad_token_id)
-        out, index = accelerator.gather_for_metrics((out, batch["index"]))
+        # per-sentence loss sums go through gather_for_metrics too, so the duplicated samples are not counted
+        out, index, sentence_loss, sentence_tokens = accelerator.gather_for_metrics(
+            (out, batch["index"], token_loss.sum(1), (labels != -100).sum(1)))
+        loss_sum += sentence_loss.sum()
+        loss_tokens += sentence_tokens.sum()
         for i, text in zip(index.tolist(), tokenizer.batch_decode(out, skip_special_tokens=True)):
             predictions[i] = text.strip()
     model.train()
-    loss = float(accelerator.reduce(loss_sum, "sum") / accelerator.reduce(loss_tokens, "sum").clamp(min=1))
+    loss = float(loss_sum / loss_tokens.clamp(min=1))
     result: dict[str, Any] = {f"{split}_loss": loss}
     if accelerator.is_main_process:
         order = sorted(predictions)
@@ -434,7 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             timer.restart()
             if state.completed_steps >= max_steps:
                 break
-        else:
+        if state.batches_in_epoch >= len(train_dl):   # the epoch ran to its end (also when the budget ends with it)
             state.epoch += 1
             state.batches_in_epoch = 0
             evaluate_and_checkpoint(epoch_end=True)

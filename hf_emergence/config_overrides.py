@@ -1,0 +1,72 @@
+"""``--config_overrides "d_model=512,encoder_layers=6,hidden_sizes=[32,64]"``: parsing and applying config changes.
+
+Shared by the ``hf-emergence`` command line and the example scripts. Values are parsed as JSON
+(numbers, lists, ``true``/``false``/``null``), then Python's ``True``/``False``/``None``, else kept as
+strings; commas inside ``[...]`` or ``{...}`` do not split items.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional, Union
+
+__all__ = ["ConfigOverrideError", "parse_config_overrides", "apply_config_overrides"]
+
+try:  # transformers 5 configs are strict dataclasses validated by huggingface_hub on setattr
+    from huggingface_hub.errors import StrictDataclassError as _StrictError
+except ImportError:  # pragma: no cover - older huggingface_hub
+    _StrictError = ValueError
+
+
+class ConfigOverrideError(ValueError):
+    """A malformed override, an unknown config key or a value the config rejects (one-line message)."""
+
+
+def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
+    """``"a=1,b=[2,3],c=true,d=gelu"`` -> ``{"a": 1, "b": [2, 3], "c": True, "d": "gelu"}`` (JSON values, else strings)."""
+    if not text:
+        return {}
+    out, depth, item = {}, 0, ""
+    parts = []
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(item)
+            item = ""
+        else:
+            item += ch
+    parts.append(item)
+    for part in parts:
+        if "=" not in part:
+            raise ConfigOverrideError(f"--config_overrides: {part!r} is not key=value")
+        key, raw = (s.strip() for s in part.split("=", 1))
+        if not key:
+            raise ConfigOverrideError(f"--config_overrides: {part!r} has no key before '='")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = {"True": True, "False": False, "None": None}.get(raw, raw)
+        out[key] = value
+    return out
+
+
+def apply_config_overrides(config: Any, overrides: Union[str, Mapping[str, Any], None]) -> Any:
+    """Set each override (a ``--config_overrides`` string or a dict) on ``config``, in place; returns ``config``.
+
+    An unknown key, or a value the (strict, in transformers 5) config rejects, raises
+    :class:`ConfigOverrideError` naming the model type and the key.
+    """
+    items = parse_config_overrides(overrides) if isinstance(overrides, str) or overrides is None else dict(overrides)
+    known = set(config.to_dict()) | {k for k in dir(config) if not k.startswith("_")}
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    for key, value in items.items():
+        if key not in known:
+            raise ConfigOverrideError(f"--config_overrides: the {model_type} config has no key {key!r}")
+        try:
+            setattr(config, key, value)
+        except (TypeError, ValueError, AttributeError, _StrictError) as err:
+            detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            raise ConfigOverrideError(f"--config_overrides: {key}={value!r} is invalid for the {model_type} config "
+                                      f"({detail})") from None
+    return config

@@ -1,0 +1,250 @@
+"""The vision example end to end on tiny models: every family trains, saves and reloads bit-identically; reported
+accuracy equals an independent recount; exact resume; two processes count each image once; bad input is one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "vision" / "run.py"
+BUILTIN = ROOT / "examples" / "vision" / "data" / "cifar10_sample"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("vision_run", SCRIPT)
+common = sys.modules["common"]
+plain_models = sys.modules["plain_models"]
+
+TINY = {
+    "vit": ["--config_overrides", "hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32,patch_size=8"],
+    "deit": ["--config_overrides", "hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32,patch_size=8"],
+    "resnet": ["--config_overrides", "embedding_size=8,hidden_sizes=[8,8,16,16],depths=[1,1,1,1]"],
+    "convnext": ["--config_overrides", "hidden_sizes=[8,8,16,16],depths=[1,1,1,1]"],
+    "mlp": ["--depth", "3", "--width", "32"],
+    "cnn": ["--depth", "3", "--width", "8"],
+    "cnn_no_bn": ["--depth", "3", "--width", "8", "--no-batch_norm"],
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("image_cache"))
+
+
+def _args(out: Path, cache: str, *extra: str) -> list[str]:
+    return ["--output_dir", str(out), "--image_cache_dir", cache, "--no_progress_bar", "--max_train_samples", "64",
+            "--max_eval_samples", "40", "--per_device_train_batch_size", "16", "--logging_steps", "1", *extra]
+
+
+def _model_type(name: str) -> str:
+    return name.split("_")[0]
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_each_family_trains_saves_and_reloads(name, tmp_path, cache_dir):
+    out = tmp_path / name
+    results = run.main(_args(out, cache_dir, "--model_type", _model_type(name), "--max_train_steps", "2", *TINY[name]))
+    assert results["step"] == 2 and results["validation_samples"] == 40
+    assert 0.0 <= results["validation_accuracy"] <= 1.0
+    saved = load_file(str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["emergence_init"]["applied"] is True
+    if _model_type(name) in plain_models.PLAIN_MODEL_TYPES:
+        model = plain_models.load_plain(out)
+        assert config["batch_norm"] is (name != "cnn_no_bn")
+    else:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(out)      # stock transformers
+        assert type(model).__name__.lower().startswith(_model_type(name))
+        assert AutoImageProcessor.from_pretrained(out).size["height"] == 32
+        # transformers 5 saves some modules under their legacy names: compare checkpoint to checkpoint
+        model.save_pretrained(tmp_path / "again")
+        state = load_file(str(tmp_path / "again" / "model.safetensors"))
+    if _model_type(name) in plain_models.PLAIN_MODEL_TYPES:
+        state = model.state_dict()
+    assert state.keys() == saved.keys()
+    for key, tensor in saved.items():
+        assert torch.equal(state[key], tensor), key
+    assert "emergence-init" in (out / "README.md").read_text()
+
+
+def test_reported_accuracy_equals_an_independent_recount(tmp_path, cache_dir):
+    """Reload the saved CNN, normalise the validation images with the saved statistics, count hits by hand."""
+    out = tmp_path / "cnn"
+    results = run.main(_args(out, cache_dir, "--num_train_epochs", "2", *TINY["cnn"]))
+    assert results["epochs"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "validation_accuracy" in r and not r.get("final")]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert results["epoch1_accuracy"] == evals[0]["validation_accuracy"]
+
+    model = plain_models.load_plain(out).eval()
+    config = model.config
+    args = run.parse_args(["--max_eval_samples", "40", "--image_cache_dir", cache_dir, "--no_progress_bar"])
+    val = run.load_splits(args)["validation"]
+    mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model((val.images.float() / 255 - mean) / std)
+    hits = int((logits.argmax(-1) == val.labels).sum())
+    assert results["validation_accuracy"] == pytest.approx(hits / len(val), abs=1e-12)
+    assert len(val) == 40 and len(set(val.labels.tolist())) > 1     # a random subset, not the first class folder
+
+
+def test_exact_resume_with_augmentation_across_an_epoch_boundary(tmp_path, cache_dir):
+    base = _args(tmp_path / "a", cache_dir, "--max_train_steps", "10", "--checkpointing_steps", "3", *TINY["cnn"])
+    run.main(base)
+    resumed = tmp_path / "b"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006")
+    run.main(_args(resumed, cache_dir, "--max_train_steps", "10", "--checkpointing_steps", "3", *TINY["cnn"],
+                   "--resume_from_checkpoint", str(resumed / "checkpoints" / "step_00000006")))
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # 64 images in batches of 16: step 6 is inside the second epoch, so the resume skips batches of epoch 1
+
+
+def test_random_crop_flip_matches_explicit_slicing():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    out = run.random_crop_flip(images, torch.Generator().manual_seed(3), pad=2)
+    g = torch.Generator().manual_seed(3)
+    dy, dx = torch.randint(0, 5, (6,), generator=g), torch.randint(0, 5, (6,), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(6):
+        crop = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
+    assert flip.any() and not flip.all()
+
+
+def test_batcher_augmentation_depends_on_seed_epoch_and_batch_only():
+    data = run.ImageSet(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10) % 3, ["a", "b", "c"])
+    batcher = run.Batcher(data, [0.5] * 3, [0.25] * 3, augment=True, seed=1)
+    first = batcher([0, 4, 7])["pixel_values"]
+    assert torch.equal(first, batcher([0, 4, 7])["pixel_values"])
+    batcher.epoch = 1
+    assert not torch.equal(first, batcher([0, 4, 7])["pixel_values"])
+    plain = run.Batcher(data, [0.5] * 3, [0.25] * 3, augment=False, seed=1)([2])["pixel_values"]
+    assert torch.allclose(plain, (data.images[2:3].float() / 255 - 0.5) / 0.25)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_two_processes_count_each_validation_image_once(tmp_path, cache_dir):
+    out = tmp_path / "two"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(SCRIPT), *_args(out, cache_dir, "--max_train_steps", "2", *TINY["cnn"]),
+           "--max_eval_samples", "37", "--per_device_eval_batch_size", "8"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    final = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"final"' in l][0]
+    assert final["validation_samples"] == 37          # 37 = 2 x 8 x 2 + 5: the padded duplicates were dropped
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _fails(capsys, argv: list[str]) -> str:
+    assert common.run_cli(run.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _folder(root: Path, classes: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for cls, n in classes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (i * 40 % 255, 80, 160)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_missing_and_empty_folders(tmp_path, capsys, cache_dir):
+    err = _fails(capsys, _args(tmp_path / "o", cache_dir, "--train_dir", str(tmp_path / "nope")))
+    assert "nope" in err and "no such folder" in err
+    (tmp_path / "empty").mkdir()
+    assert "no class folders" in _fails(capsys, _args(tmp_path / "o", cache_dir, "--train_dir", str(tmp_path / "empty")))
+    (tmp_path / "noimg" / "cat").mkdir(parents=True)
+    assert "no image files" in _fails(capsys, _args(tmp_path / "o", cache_dir, "--train_dir", str(tmp_path / "noimg")))
+
+
+def test_corrupt_image_is_named_and_can_be_skipped(tmp_path, capsys, cache_dir):
+    train = _folder(tmp_path / "train", {"a": 4, "b": 4})
+    (train / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    argv = _args(tmp_path / "o", cache_dir, "--train_dir", str(train), "--max_train_steps", "1", *TINY["mlp"],
+                 "--model_type", "mlp", "--validation_split_percentage", "25")
+    err = _fails(capsys, argv)
+    assert "broken.jpg" in err and "--skip_bad_images" in err
+    results = run.main(argv + ["--skip_bad_images"])
+    assert results["skipped_images"] == 1
+    assert results["validation_samples"] == 2          # 25% of the 8 readable images, held out with --data_seed
+
+
+def test_validation_class_folders_must_match(tmp_path, capsys, cache_dir):
+    train = _folder(tmp_path / "train", {"a": 2, "b": 2})
+    val = _folder(tmp_path / "val", {"a": 2})
+    err = _fails(capsys, _args(tmp_path / "o", cache_dir, "--train_dir", str(train), "--validation_dir", str(val)))
+    assert "'b' is missing" in err and str(val) in err
+    _folder(tmp_path / "val", {"b": 1, "c": 1})
+    assert "'c' is not a training class" in _fails(
+        capsys, _args(tmp_path / "o", cache_dir, "--train_dir", str(train), "--validation_dir", str(val)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_type", "vit", "--config_overrides", "hiden_size=8"], "no key 'hiden_size'"),
+    (["--model_type", "vit", "--batch_norm"], "apply to mlp and cnn"),
+    (["--alpha", "-1"], "alpha"),
+    (["--model_type", "cnn", "--depth", "2"], "depth must be >= 3"),
+    (["--validation_split_percentage", "100"], "(0, 100)"),
+])
+def test_bad_arguments_are_one_line(argv, message, tmp_path, capsys, cache_dir):
+    assert message in _fails(capsys, _args(tmp_path / "o", cache_dir, "--max_train_steps", "1", *argv))
+
+
+def test_unknown_model_type_exits_2_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model_type", "vgg", "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'vgg'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hub_dataset_columns_and_label_range(tmp_path, capsys, cache_dir, monkeypatch):
+    import datasets
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), (10, 20, 30))
+
+    def serve(**splits: dict) -> None:
+        built = datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()})
+        monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: built)
+
+    argv = _args(tmp_path / "o", cache_dir, "--dataset_name", "someone/images", "--max_train_steps", "1",
+                 "--model_type", "mlp", "--depth", "2", "--width", "8")
+    serve(train={"pixels": [image], "label": [0]})
+    err = _fails(capsys, argv)
+    assert "no image column" in err and "pixels" in err and "--image_column_name" in err
+    serve(train={"img": [image], "target": [0]})
+    assert "no label column" in _fails(capsys, argv)
+    serve(train={"img": [image] * 4, "label": [0, 1, 0, 1]}, test={"img": [image, image], "label": [1, 5]})
+    err = _fails(capsys, argv)
+    assert "split 'test' row 1: label 5 is out of range [0, 2)" in err
+    serve(train={"img": [image] * 4, "label": [0, 1, 0, 1]}, test={"img": [image, image], "label": [1, 0]})
+    results = run.main(argv)                           # the test split serves as validation
+    assert results["validation_samples"] == 2
