@@ -60,9 +60,10 @@ def apply_config_overrides(config: Any, overrides: Union[str, Mapping[str, Any],
     items = parse_config_overrides(overrides) if isinstance(overrides, str) or overrides is None else dict(overrides)
     known = set(config.to_dict()) | {k for k in dir(config) if not k.startswith("_")}
     model_type = getattr(config, "model_type", None) or type(config).__name__
-    for key, value in items.items():
+    for key in items:  # every key is checked before anything is set
         if key not in known:
             raise ConfigOverrideError(f"--config_overrides: the {model_type} config has no key {key!r}")
+    for key, value in items.items():
         try:
             setattr(config, key, value)
         except (TypeError, ValueError, AttributeError, _StrictError) as err:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 #: Files a checkpoint folder shares; training state (optimizer, RNG, metrics) stays local.
-UPLOAD_PATTERNS = ["*.safetensors", "*.json", "README.md", "*.model", "*.txt", "*.tiktoken"]
+UPLOAD_PATTERNS = ["*.safetensors", "*.json", "README.md", "*.model", "*.spm", "*.txt", "*.tiktoken", "*.jinja"]
 IGNORE_PATTERNS = ["checkpoints/**", "optimizer*", "scheduler*", "random_states*", "metrics.jsonl", "*.tmp/**"]
 
 

@@ -23,11 +23,18 @@ import torch.nn as nn
 
 from .emergence_init import EmergenceInit
 
-try:  # transformers >= 5: the device context that from_pretrained builds under
-    from transformers.modeling_utils import get_torch_context_manager_or_global_device as _build_device
-except ImportError:  # pragma: no cover - older transformers
-    def _build_device() -> torch.device:
+
+def _build_device() -> torch.device:
+    """The device context the model is being built under (meta inside ``from_pretrained``).
+
+    transformers is imported here, not at module level, so that ``import hf_emergence`` stays light.
+    """
+    try:  # transformers >= 5
+        from transformers.modeling_utils import get_torch_context_manager_or_global_device
+    except ImportError:  # pragma: no cover - older transformers
         return torch.get_default_device()
+    return get_torch_context_manager_or_global_device()
+
 
 _SETTING_NAMES = frozenset(f.name for f in fields(EmergenceInit))
 _MIXED_CLASSES: dict[type, type] = {}
