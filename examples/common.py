@@ -203,7 +203,10 @@ def lr_plan(args: argparse.Namespace, model: nn.Module, example_inputs: Any = No
         return None
     given = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) is not None}
     given.pop("base_init", None)
-    return EmergenceInit(**given).plan(model, example_inputs=example_inputs)
+    try:  # --alpha etc. are only checked here when --init is a baseline or default
+        return EmergenceInit(**given).plan(model, example_inputs=example_inputs)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--per_layer_lr_from_plan: {str(err).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------- accelerator
