@@ -1,0 +1,830 @@
+#!/usr/bin/env python
+"""Study runner: drive an example script over a grid of settings, one subprocess per cell, and aggregate.
+
+    python benchmarks/study.py run benchmarks/grids/multi30k.json --out runs/multi30k [--data_root DIR]
+        [--launcher "python" | "accelerate launch"] [--only REGEX] [--max_runs N] [--dry_run] [--timeout S]
+    python benchmarks/study.py report runs/multi30k --out docs/results/multi30k
+    python benchmarks/study.py list benchmarks/grids/multi30k.json      # the cells and their status
+
+**Grid file** (JSON)::
+
+    {
+      "name": "multi30k",                                    # optional (default: the file name)
+      "description": "...",                                  # optional, copied into the report
+      "script": "examples/translation/run.py",               # relative to the repository root
+      "vars": {"data_root": "../shared/data"},               # {name} substitutions in every argument
+      "requires": ["{data_root}/multi30k/train.de.gz"],      # optional: paths that must exist before a run
+      "common_args": ["--train_file", "{data_root}/multi30k/train", "--max_train_steps", "2000"],
+      "axes": {                                              # the grid is the cross product, in this order
+        "optimizer": {"adamw": ["--optimizer", "adamw"], "sgd": ["--optimizer", "sgd", "--learning_rate", "0.1"]},
+        "arm": {"default": ["--init", "default"], "emergence_a1.2": ["--init", "emergence", "--alpha", "1.2"]},
+        "seed": [1, 2, 3]                                    # a list of values v means ["--<axis>", "v"]
+      },
+      "exclude": [{"optimizer": "sgd", "arm": "warmup_*"}],  # optional: cells matching every key (fnmatch) are dropped
+      "report": {                                            # optional
+        "seed_axis": "seed", "arm_axis": "arm", "baseline": "xavier",
+        "metrics": ["validation_bleu", "test_bleu"],         # final metrics (all_results.json or the final record)
+        "first_epoch_metrics": ["validation_bleu"],          # taken from the first evaluation logged with epoch >= 1
+        "curve_metrics": ["validation_bleu", "validation_loss"], "curve_x": "step",
+        "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "validation_bleu", "mode": "max"}]
+      }
+    }
+
+Variables are replaced in ``common_args``, axis arguments and ``requires`` (``{data_root}``); the command line
+``--data_root DIR`` and ``--set NAME=VALUE`` override the grid's ``vars``. Relative paths in the grid are relative
+to the repository root (the subprocess's working directory); ``--data_root`` given on the command line is made
+absolute. ``{out}`` is the study folder and ``{run_dir}`` the run's folder.
+
+**Runs.** A cell's run name is ``axis-value`` joined by ``__`` (e.g. ``optimizer-sgd__arm-default__seed-1``); it
+runs as ``LAUNCHER SCRIPT COMMON_ARGS AXIS_ARGS... --output_dir OUT/RUN`` (plus ``--resume_from_checkpoint latest``
+when ``OUT/RUN/checkpoints/latest`` exists, i.e. it was cut short after a checkpoint), output appended to
+``OUT/RUN/study_log.txt``. When it ends, ``OUT/RUN/study_result.json`` is written atomically: the cell, arguments,
+exact command, exit code, status, wall time, ``all_results.json`` and the ``metrics.jsonl`` records. A run with a
+result of status ``ok`` or ``diverged`` (exit code 3: the script stopped on a non-finite loss) is skipped next time;
+``failed`` and ``timeout`` runs are retried. Ctrl-C / SIGTERM stops the current run's process group and writes no
+result for it, so the study can be stopped at any time and restarted with the same command. Several workers may
+share one study folder (e.g. side by side on one GPU, with or without disjoint ``--only``): each run is claimed with a
+lock file holding the worker's pid (``OUT/RUN/.study_lock``), runs claimed by a live worker are skipped, and locks of
+dead workers are taken over. ``--max_runs`` counts the runs this worker executes.
+
+**Report.** Runs are grouped by every axis except the seed axis; each group gives n (finished runs with the
+metric; diverged and failed runs are counted separately) and the mean ± sample std (ddof=1) of each metric over
+seeds. First-epoch metrics are ``all_results["epoch1_<m>"]`` when the script records them (vision:
+``epoch1_accuracy``), else the metric of the first evaluation logged with ``epoch >= 1``. A ``select`` entry adds,
+per group of the other axes, a row that repeats the arm (among those matching ``arms``) with the best mean ``by``
+metric: the tuned warm-up control, chosen on validation data. Plots: each curve metric against ``curve_x`` with a
+±std band per arm, one PNG per group of the remaining axes; E / E_max at step 0 against alpha when runs logged
+``emergence_normalised`` (vision ``--measure_emergence``); active fraction per layer when ``all_results`` holds a
+list ``active_fraction_per_layer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = "study_result.json"
+LOG = "study_log.txt"
+INVOCATIONS = "study_invocations.jsonl"
+DONE = ("ok", "diverged")
+NAME_RX = re.compile(r"^[A-Za-z0-9._+-]+$")
+EXIT_DIVERGED = 3
+
+
+class GridError(Exception):
+    """A bad grid file: reported as one line naming the file and what was expected."""
+
+
+# ------------------------------------------------------------------------------------------------- grids
+@dataclass
+class Cell:
+    name: str
+    values: dict[str, str]                 # axis -> value name
+    args: list[str]                        # script arguments, without --output_dir
+
+
+@dataclass
+class Grid:
+    path: Path
+    name: str
+    script: str
+    description: str = ""
+    common_args: list[str] = field(default_factory=list)
+    axes: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    exclude: list[dict[str, str]] = field(default_factory=list)
+    vars: dict[str, str] = field(default_factory=dict)
+    requires: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        names = list(self.axes)
+        out = []
+        for combo in itertools.product(*(list(self.axes[a].items()) for a in names)):
+            values = {a: v for a, (v, _) in zip(names, combo)}
+            if any(all(fnmatch.fnmatchcase(values.get(k, ""), str(p)) for k, p in rule.items()) for rule in self.exclude):
+                continue
+            args = list(self.common_args) + [x for _, a in combo for x in a]
+            out.append(Cell("__".join(f"{a}-{v}" for a, v in values.items()), values, args))
+        return out
+
+
+def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = None) -> Grid:
+    """Read and validate a grid file; any problem is a GridError naming the file and what was expected."""
+    p = Path(path)
+    where = str(p)
+
+    def fail(msg: str) -> GridError:
+        return GridError(f"{where}: {msg}")
+
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise fail("no such grid file (expected a JSON file such as benchmarks/grids/multi30k.json)") from None
+    except json.JSONDecodeError as err:
+        raise fail(f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if not isinstance(raw, dict):
+        raise fail(f"expected a JSON object with keys script, axes[, common_args, vars, ...], got {type(raw).__name__}")
+    known = {"name", "description", "script", "vars", "requires", "common_args", "axes", "exclude", "report", "env"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise fail(f"unknown key(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(known))}")
+    if not isinstance(raw.get("script"), str) or not raw["script"]:
+        raise fail('expected "script": a path such as "examples/translation/run.py"')
+    variables = raw.get("vars", {})
+    if not isinstance(variables, dict) or not all(isinstance(v, (str, int, float)) for v in variables.values()):
+        raise fail('expected "vars" to map names to strings, e.g. {"data_root": "../shared/data"}')
+    variables = {k: str(v) for k, v in variables.items()} | dict(overrides or {})
+
+    def subst(s: Any, what: str) -> str:
+        if not isinstance(s, (str, int, float)) or isinstance(s, bool):
+            raise fail(f"{what}: expected a string argument, got {json.dumps(s)}")
+        s = str(s)
+        try:
+            return s.format_map(_Vars(variables))
+        except KeyError as err:
+            raise fail(f"{what}: {s!r} uses {{{err.args[0]}}}, which is not in vars ({', '.join(sorted(variables)) or 'none'}) "
+                       "nor given with --set") from None
+        except (ValueError, IndexError) as err:
+            raise fail(f"{what}: {s!r} is not a valid {{name}} template ({err})") from None
+
+    def arg_list(value: Any, what: str) -> list[str]:
+        if not isinstance(value, list):
+            raise fail(f"{what}: expected a list of argument strings, got {json.dumps(value)[:60]}")
+        return [subst(x, what) for x in value]
+
+    common_args = arg_list(raw.get("common_args", []), "common_args")
+    axes_raw = raw.get("axes")
+    if not isinstance(axes_raw, dict) or not axes_raw:
+        raise fail('expected "axes": an object of axis name -> {value name: [args]} or [values], e.g. {"seed": [1, 2, 3]}')
+    axes: dict[str, dict[str, list[str]]] = {}
+    for axis, spec in axes_raw.items():
+        if not NAME_RX.match(axis):
+            raise fail(f"axis name {axis!r}: expected letters, digits, '.', '_', '+' or '-'")
+        if isinstance(spec, list):
+            if not spec or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in spec):
+                raise fail(f"axis {axis!r}: expected a non-empty list of values (numbers or strings)")
+            values = {str(v): [f"--{axis}", subst(v, f"axis {axis!r}")] for v in spec}
+        elif isinstance(spec, dict) and spec:
+            values = {str(k): arg_list(v, f"axis {axis!r} value {k!r}") for k, v in spec.items()}
+        else:
+            raise fail(f"axis {axis!r}: expected a non-empty object {{value name: [args]}} or a list of values")
+        for v in values:
+            if not NAME_RX.match(v):
+                raise fail(f"axis {axis!r} value {v!r}: expected letters, digits, '.', '_', '+' or '-' (it names a folder)")
+        axes[axis] = values
+    exclude = raw.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(r, dict) and r and set(r) <= set(axes) for r in exclude):
+        raise fail(f'expected "exclude": a list of objects keyed by axis names ({", ".join(axes)}) with fnmatch patterns')
+    requires = [subst(x, "requires") for x in raw.get("requires", [])] if isinstance(raw.get("requires", []), list) else None
+    if requires is None:
+        raise fail('expected "requires": a list of paths')
+    report = raw.get("report", {})
+    if not isinstance(report, dict):
+        raise fail('expected "report": an object (metrics, curve_metrics, seed_axis, ...)')
+    for key in ("seed_axis", "arm_axis"):
+        if key in report and report[key] not in axes:
+            raise fail(f"report.{key} {report[key]!r} is not an axis ({', '.join(axes)})")
+    for i, sel in enumerate(report.get("select", [])):
+        if not (isinstance(sel, dict) and {"name", "arms", "by"} <= set(sel) and sel.get("mode", "max") in ("max", "min")):
+            raise fail(f'report.select[{i}]: expected {{"name": ..., "arms": "glob", "by": "metric", "mode": "max"|"min"}}')
+    env = raw.get("env", {})
+    if not isinstance(env, dict):
+        raise fail('expected "env": an object of environment variables')
+    grid = Grid(path=p, name=str(raw.get("name") or p.stem), script=subst(raw["script"], "script"),
+                description=str(raw.get("description", "")), common_args=common_args, axes=axes, exclude=exclude,
+                vars=variables, requires=requires, report=report, env={k: subst(v, "env") for k, v in env.items()})
+    if not grid.cells():
+        raise fail("the exclude rules leave no cell to run")
+    return grid
+
+
+class _Vars(dict):
+    """format_map mapping that keeps run-time placeholders ({out}, {run_dir}) for later."""
+
+    def __missing__(self, key: str) -> str:
+        if key in ("out", "run_dir"):
+            return "{" + key + "}"
+        raise KeyError(key)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def launcher_argv(launcher: str) -> list[str]:
+    argv = shlex.split(launcher)
+    if not argv:
+        raise SystemExit("error: --launcher is empty (expected e.g. \"python\" or \"accelerate launch\")")
+    if argv[0] in ("python", "python3"):
+        argv[0] = sys.executable  # the interpreter running the study (its virtual environment)
+    return argv
+
+
+def run_command(grid: Grid, cell: Cell, out: Path, launcher: list[str]) -> list[str]:
+    run_dir = out / cell.name
+    args = [a.replace("{out}", str(out)).replace("{run_dir}", str(run_dir)) for a in cell.args]
+    cmd = launcher + [grid.script] + args + ["--output_dir", str(run_dir)]
+    if (run_dir / "checkpoints" / "latest").is_file():
+        cmd += ["--resume_from_checkpoint", "latest"]
+    return cmd
+
+
+def read_result(run_dir: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads((run_dir / RESULT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_finished(run_dir: Path) -> bool:
+    res = read_result(run_dir)
+    return res is not None and res.get("status") in DONE
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_curve(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+    return records
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def execute(grid: Grid, cell: Cell, out: Path, launcher: list[str], timeout: Optional[float]) -> dict[str, Any]:
+    """Run one cell to completion and write its result atomically (not when interrupted)."""
+    run_dir = out / cell.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = run_command(grid, cell, out, launcher)
+    resumed = "--resume_from_checkpoint" in cmd[len(cmd) - 2:]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **grid.env)
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    status = None
+    with open(run_dir / LOG, "a") as log:
+        log.write(f"\n===== {started.isoformat(timespec='seconds')} cwd={ROOT}\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        except OSError as err:
+            raise GridError(f"cannot start {cmd[0]!r} ({err.strerror}): check --launcher") from None
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            code, status = proc.returncode, "timeout"
+        except BaseException:
+            _stop(proc)
+            raise
+    wall = time.monotonic() - t0
+    try:
+        all_results = json.loads((run_dir / "all_results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        all_results = None
+    if status is None:
+        status = ("ok" if all_results is not None else "failed") if code == 0 else \
+            "diverged" if code == EXIT_DIVERGED else "failed"
+    tail = (run_dir / LOG).read_text(errors="replace").splitlines()[-20:]
+    result = {
+        "name": cell.name, "grid": grid.name, "grid_file": str(grid.path), "cell": cell.values, "axes": list(grid.axes),
+        "axis_values": {a: list(v) for a, v in grid.axes.items()},
+        "script": grid.script, "args": cell.args, "command": shlex.join(cmd), "argv": cmd, "cwd": str(ROOT),
+        "resumed": resumed, "exit_code": code, "status": status, "wall_time_s": wall,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "all_results": all_results, "curve": read_curve(run_dir / "metrics.jsonl"), "log_tail": tail,
+    }
+    atomic_write(run_dir / RESULT, json.dumps(result, indent=1))
+    return result
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the run's process group, SIGKILL it after 30 s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+LOCK = ".study_lock"
+
+
+def acquire(run_dir: Path) -> bool:
+    """Claim a run for this process (a lock file holding our pid); False if a live process on this host holds it.
+
+    Lets several ``study.py run`` workers share one study folder (even with the same --only): each run is done once.
+    A lock left by a dead process (killed worker) is taken over.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                return False
+            lock.unlink(missing_ok=True)  # stale (its worker died): take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(run_dir: Path) -> None:
+    lock = run_dir / LOCK
+    try:
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid, var_overrides(args))
+    out = Path(args.out).resolve()
+    launcher = launcher_argv(args.launcher)
+    cells = [c for c in grid.cells() if not args.only or re.search(args.only, c.name)]
+    if not cells:
+        raise GridError(f"{args.grid}: --only {args.only!r} matches none of the {len(grid.cells())} runs")
+    pending = [c for c in cells if not is_finished(out / c.name)]
+    finished = len(cells) - len(pending)
+    if args.max_runs is not None and args.dry_run:
+        pending = pending[: args.max_runs]
+    if args.dry_run:
+        print(f"# {grid.name}: {len(cells)} runs selected, {finished} finished, {len(pending)} to run; "
+              f"working directory {ROOT}")
+        for c in cells:
+            if is_finished(out / c.name):
+                print(f"# done: {c.name}")
+        for c in pending:
+            print(shlex.join(run_command(grid, c, out, launcher)))
+        return 0
+    missing = [r for r in grid.requires if not (Path(r) if os.path.isabs(r) else ROOT / r).exists()]
+    if missing:
+        raise GridError(f"{args.grid}: required path {missing[0]} does not exist (set --data_root, or prepare the data as "
+                        "the grid's description says)")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / INVOCATIONS, "a") as f:
+        f.write(json.dumps({"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cwd": os.getcwd(),
+                            "command": shlex.join([sys.executable, *sys.argv])}) + "\n")
+    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
+    counts: dict[str, int] = {}
+    try:
+        for i, c in enumerate(pending, 1):
+            if args.max_runs is not None and sum(counts.values()) >= args.max_runs:
+                break
+            if not acquire(out / c.name):
+                print(f"[{i}/{len(pending)}] {c.name}: running in another worker; skipped", flush=True)
+                continue
+            try:
+                if is_finished(out / c.name):  # finished by another worker meanwhile
+                    continue
+                print(f"[{i}/{len(pending)}] {c.name} ...", flush=True)
+                res = execute(grid, c, out, launcher, args.timeout)
+            finally:
+                release(out / c.name)
+            counts[res["status"]] = counts.get(res["status"], 0) + 1
+            summary = {k: v for k, v in (res["all_results"] or {}).items() if isinstance(v, (int, float))}
+            print(f"[{i}/{len(pending)}] {c.name}: {res['status']} (exit {res['exit_code']}, {res['wall_time_s']:.0f} s) "
+                  + " ".join(f"{k}={v:.4g}" for k, v in list(summary.items())[:6]), flush=True)
+    except (KeyboardInterrupt, Interrupted) as err:
+        print(f"interrupted ({err or 'SIGINT'}): finished runs are kept; run the same command to continue", file=sys.stderr)
+        return 130
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    print(f"{grid.name}: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to run")
+          + f"; results in {out}")
+    return 0 if not counts.get("failed") and not counts.get("timeout") else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid, var_overrides(args))
+    out = Path(args.out).resolve() if args.out else None
+    for c in grid.cells():
+        res = read_result(out / c.name) if out else None
+        print(f"{(res or {}).get('status', '-'):9s} {c.name}")
+    return 0
+
+
+def var_overrides(args: argparse.Namespace) -> dict[str, str]:
+    out = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise GridError(f"--set {item!r}: expected NAME=VALUE")
+        k, v = item.split("=", 1)
+        out[k] = v
+    if args.data_root:
+        out["data_root"] = os.path.abspath(args.data_root)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def numeric(d: Optional[dict]) -> dict[str, float]:
+    return {k: float(v) for k, v in (d or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def final_metrics(res: dict[str, Any]) -> dict[str, float]:
+    """all_results.json merged over the final metrics.jsonl record (all_results wins)."""
+    final = next((r for r in reversed(res.get("curve") or []) if r.get("final")), {})
+    return {**numeric(final), **numeric(res.get("all_results"))}
+
+
+def first_epoch_metrics(res: dict[str, Any], names: Sequence[str]) -> dict[str, float]:
+    out = {}
+    ar = numeric(res.get("all_results"))
+    for m in names:
+        if f"epoch1_{m}" in ar:
+            out[m] = ar[f"epoch1_{m}"]
+            continue
+        short = m.replace("validation_", "")
+        if f"epoch1_{short}" in ar:
+            out[m] = ar[f"epoch1_{short}"]
+            continue
+        rec = next((r for r in res.get("curve") or [] if not r.get("final") and (r.get("epoch") or 0) >= 1
+                    and isinstance(r.get(m), (int, float))), None)
+        if rec is not None:
+            out[m] = float(rec[m])
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; nan for fewer than 2 values)."""
+    mean = statistics.fmean(values) if values else math.nan
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return mean, std
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(folder.glob(f"*/{RESULT}")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            print(f"warning: {path} is not valid JSON; skipped", file=sys.stderr)
+    return out
+
+
+def value_order(results: list[dict[str, Any]], axes: Sequence[str]) -> dict[str, list[str]]:
+    """Each axis's values in grid order (as recorded with the runs), then any others in order of appearance."""
+    out = {}
+    for a in axes:
+        recorded = [v for r in results for v in (r.get("axis_values") or {}).get(a, [])]
+        out[a] = list(dict.fromkeys(recorded + [r["cell"].get(a, "") for r in results]))
+    return out
+
+
+def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str, Any]:
+    """Group runs by every axis but the seed axis; mean/std of final and first-epoch metrics per group."""
+    if not results:
+        raise GridError("no study_result.json found (run `study.py run` first)")
+    axes = results[0]["axes"]
+    seed_axis = report.get("seed_axis", "seed" if "seed" in axes else None)
+    group_axes = [a for a in axes if a != seed_axis]
+    finals = [final_metrics(r) for r in results]
+    metrics = report.get("metrics") or sorted({k for r in results for k in numeric(r.get("all_results"))})
+    first_names = report.get("first_epoch_metrics", [])
+    groups: dict[tuple, dict[str, Any]] = {}
+    for res, fin in zip(results, finals):
+        key = tuple(res["cell"].get(a, "") for a in group_axes)
+        g = groups.setdefault(key, {"cell": dict(zip(group_axes, key)), "runs": [], "status": {}, "values": {}, "first": {}})
+        g["runs"].append(res["name"])
+        g["status"][res["status"]] = g["status"].get(res["status"], 0) + 1
+        if res["status"] != "ok":
+            continue
+        for m in metrics:
+            if m in fin:
+                g["values"].setdefault(m, []).append(fin[m])
+        for m, v in first_epoch_metrics(res, first_names).items():
+            g["first"].setdefault(m, []).append(v)
+    for g in groups.values():
+        g["stats"] = {m: dict(zip(("mean", "std"), mean_std(v)), n=len(v)) for m, v in g["values"].items()}
+        g["first_stats"] = {m: dict(zip(("mean", "std"), mean_std(v)), n=len(v)) for m, v in g["first"].items()}
+    # order groups by the axes' value order in the grid (first appearance in the results)
+    order = value_order(results, group_axes)
+    rows = sorted(groups.values(), key=lambda g: tuple(order[a].index(g["cell"][a]) for a in group_axes))
+    selected = []
+    arm_axis = report.get("arm_axis", "arm" if "arm" in group_axes else None)
+    for sel in report.get("select", []) if arm_axis else []:
+        others = [a for a in group_axes if a != arm_axis]
+        for key in dict.fromkeys(tuple(g["cell"][a] for a in others) for g in rows):
+            cands = [g for g in rows if tuple(g["cell"][a] for a in others) == key
+                     and fnmatch.fnmatchcase(g["cell"][arm_axis], sel["arms"]) and sel["by"] in g["stats"]]
+            if not cands:
+                continue
+            pick = (max if sel.get("mode", "max") == "max" else min)(cands, key=lambda g: g["stats"][sel["by"]]["mean"])
+            selected.append({**pick, "cell": {**pick["cell"], arm_axis: f"{sel['name']} (= {pick['cell'][arm_axis]})"},
+                             "selected_by": sel["by"]})
+    return {"group_axes": group_axes, "seed_axis": seed_axis, "arm_axis": arm_axis, "metrics": metrics,
+            "first_epoch_metrics": first_names, "rows": rows, "selected": selected}
+
+
+def fmt_ms(stat: Optional[dict[str, float]], digits: int = 2) -> str:
+    if not stat or stat["n"] == 0:
+        return "–"
+    if stat["n"] == 1 or math.isnan(stat["std"]):
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _digits(metric: str) -> int:
+    return 4 if ("accuracy" in metric or "loss" in metric) else 2
+
+
+def markdown_table(agg: dict[str, Any], baseline: Optional[str] = None) -> str:
+    axes, metrics, first = agg["group_axes"], agg["metrics"], agg["first_epoch_metrics"]
+    cols = axes + ["n"] + [f"epoch 1: {m}" for m in first] + list(metrics)
+    primary = metrics[0] if metrics else None
+    arm_axis = agg["arm_axis"]
+    if baseline and primary and arm_axis:
+        cols.append(f"Δ {primary} vs {baseline}")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    base_means = {}
+    if baseline and primary and arm_axis:
+        for g in agg["rows"]:
+            if g["cell"][arm_axis] == baseline and primary in g["stats"]:
+                base_means[tuple(v for a, v in g["cell"].items() if a != arm_axis)] = g["stats"][primary]["mean"]
+    for g in agg["rows"] + agg["selected"]:
+        n_ok = g["status"].get("ok", 0)
+        extra = [f"{c} {k}" for k, c in sorted(g["status"].items()) if k != "ok"]
+        n = f"{n_ok}" + (f" ({', '.join(extra)})" if extra else "")
+        cells = [g["cell"][a] for a in axes] + [n]
+        cells += [fmt_ms(g["first_stats"].get(m), _digits(m)) for m in first]
+        cells += [fmt_ms(g["stats"].get(m), _digits(m)) for m in metrics]
+        if baseline and primary and arm_axis:
+            b = base_means.get(tuple(v for a, v in g["cell"].items() if a != arm_axis))
+            s = g["stats"].get(primary)
+            cells.append(f"{s['mean'] - b:+.{_digits(primary)}f}" if (b is not None and s and s["n"]) else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _alpha_of(args: Sequence[str]) -> Optional[float]:
+    if "--init" in args and args[args.index("--init") + 1] in ("xavier", "kaiming"):
+        return 1.0
+    if "--alpha" in args and "--per_layer_lr_from_plan" not in args:
+        try:
+            return float(args[args.index("--alpha") + 1])
+        except (IndexError, ValueError):
+            return None
+    return None
+
+
+def plots(results: list[dict[str, Any]], agg: dict[str, Any], report: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    x_key = report.get("curve_x", "step")
+    curve_metrics = report.get("curve_metrics") or sorted(
+        {k for r in results for rec in r.get("curve") or [] if not rec.get("final")
+         for k in rec if k.startswith("validation_") and isinstance(rec[k], (int, float))})
+    arm_axis, seed_axis = agg["arm_axis"], agg["seed_axis"]
+    panel_axes = [a for a in agg["group_axes"] if a != arm_axis]
+    ok = [r for r in results if r["status"] == "ok"]
+    panels = list(dict.fromkeys(tuple(r["cell"].get(a, "") for a in panel_axes) for r in ok))
+    for panel in panels:
+        runs = [r for r in ok if tuple(r["cell"].get(a, "") for a in panel_axes) == panel]
+        present = {r["cell"].get(arm_axis, "all") if arm_axis else "all" for r in runs}
+        arms = [a for a in (value_order(runs, [arm_axis])[arm_axis] if arm_axis else ["all"]) if a in present]
+        if not curve_metrics:
+            break
+        fig, axs = plt.subplots(1, len(curve_metrics), figsize=(5.5 * len(curve_metrics), 4), squeeze=False)
+        for ax, metric in zip(axs[0], curve_metrics):
+            for arm in arms:
+                series = []
+                for r in runs:
+                    if (r["cell"].get(arm_axis, "all") if arm_axis else "all") != arm:
+                        continue
+                    pts = {rec[x_key]: rec[metric] for rec in r.get("curve") or []
+                           if not rec.get("final") and isinstance(rec.get(metric), (int, float)) and x_key in rec}
+                    if pts:
+                        series.append(pts)
+                if not series:
+                    continue
+                xs = sorted(set.intersection(*(set(s) for s in series))) or sorted(set.union(*(set(s) for s in series)))
+                vals = np.array([[s.get(x, np.nan) for x in xs] for s in series], dtype=float)
+                mean = np.nanmean(vals, 0)
+                std = np.nanstd(vals, 0, ddof=1) if len(series) > 1 else np.zeros_like(mean)
+                line, = ax.plot(xs, mean, marker=".", label=f"{arm} (n={len(series)})")
+                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.set_xlabel(x_key)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        axs[0][0].legend(fontsize=7)
+        title = ", ".join(f"{a}={v}" for a, v in zip(panel_axes, panel)) or "all runs"
+        fig.suptitle(f"{title}: mean ± std over {seed_axis or 'runs'}")
+        fig.tight_layout()
+        name = "curves_" + ("_".join(panel) or "all") + ".png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
+    # E / E_max at initialisation against alpha (runs that logged emergence_normalised at step 0).
+    pts = []
+    for r in ok:
+        rec = next((c for c in r.get("curve") or [] if isinstance(c.get("emergence_normalised"), (int, float))), None)
+        alpha = _alpha_of(r["args"])
+        if rec is not None and alpha is not None:
+            pts.append((tuple(r["cell"].get(a, "") for a in panel_axes), alpha, rec["emergence_normalised"]))
+    if pts:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for panel in dict.fromkeys(p for p, _, _ in pts):
+            by_alpha: dict[float, list[float]] = {}
+            for p, a, e in pts:
+                if p == panel:
+                    by_alpha.setdefault(a, []).append(e)
+            alphas = sorted(by_alpha)
+            ax.errorbar(alphas, [np.mean(by_alpha[a]) for a in alphas],
+                        yerr=[np.std(by_alpha[a], ddof=1) if len(by_alpha[a]) > 1 else 0 for a in alphas],
+                        marker="o", capsize=3, label=",".join(panel) or "all")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("E / E_max at initialisation")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "E_vs_alpha.png", dpi=100)
+        plt.close(fig)
+        written.append("E_vs_alpha.png")
+
+    prof = [(r, r["all_results"]["active_fraction_per_layer"]) for r in ok
+            if isinstance((r.get("all_results") or {}).get("active_fraction_per_layer"), list)]
+    if prof:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_alpha: dict[Any, list[list[float]]] = {}
+        for r, fr in prof:
+            by_alpha.setdefault(_alpha_of(r["args"]), []).append(fr)
+        for a, rows in sorted(by_alpha.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            width = min(len(x) for x in rows)
+            ax.plot(range(width), np.mean([x[:width] for x in rows], 0), marker=".", label=f"alpha={a}")
+        ax.set_xlabel("layer (plan order)")
+        ax.set_ylabel("active fraction")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "active_fraction.png", dpi=100)
+        plt.close(fig)
+        written.append("active_fraction.png")
+    return written
+
+
+def find_grid_file(recorded: str, name: str) -> Optional[Path]:
+    """The grid file the runs name: as recorded, relative to the repository root, or benchmarks/grids/<name>.json."""
+    for cand in (Path(recorded), ROOT / recorded, ROOT / "benchmarks" / "grids" / f"{name}.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    results = load_results(folder)
+    if not results:
+        raise GridError(f"{folder}: no */{RESULT} found (expected the --out folder of `study.py run`)")
+    grid_file = find_grid_file(results[0]["grid_file"], results[0]["grid"]) if not args.grid else Path(args.grid)
+    grid = load_grid(grid_file) if grid_file is not None else None
+    report = grid.report if grid is not None else {}
+    agg = aggregate(results, report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plots(results, agg, report, out)
+    invocations = [json.loads(l)["command"] for l in (folder / INVOCATIONS).read_text().splitlines() if l.strip()] \
+        if (folder / INVOCATIONS).is_file() else []
+    status = {}
+    for r in results:
+        status[r["status"]] = status.get(r["status"], 0) + 1
+    total_h = sum(r.get("wall_time_s") or 0 for r in results) / 3600
+    lines = [f"# Study: {results[0]['grid']}", ""]
+    if report.get("title"):
+        lines[0] = f"# {report['title']}"
+    desc = grid.description if grid is not None else ""
+    if desc:
+        lines += [desc, ""]
+    lines += [f"{len(results)} runs ({', '.join(f'{n} {k}' for k, n in sorted(status.items()))}), {total_h:.2f} h of "
+              f"run time, script `{results[0]['script']}`. Cells are grouped by {', '.join(agg['group_axes'])}; "
+              f"values are mean ± sample std (ddof=1) over `{agg['seed_axis']}` with n the number of finished runs. "
+              "First-epoch values come from the script's `epoch1_*` results or, failing that, from the first "
+              "evaluation logged with epoch >= 1.", ""]
+    if agg["selected"]:
+        lines += ["Rows named `<select> (= arm)` repeat the arm with the best mean "
+                  + ", ".join(sorted({s['selected_by'] for s in agg['selected']})) + " among its candidates "
+                  "(selected on validation data, so its test numbers are not optimistic by selection on test).", ""]
+    lines += [markdown_table(agg, report.get("baseline")), ""]
+    for f in figures:
+        lines += [f"![{f}]({f})", ""]
+    lines += ["## Commands", "", "Study (as invoked):", "", "```"] + (invocations or ["(not recorded)"]) + ["```", "",
+              "Report:", "", "```", shlex.join(["python", *sys.argv]) if args.argv is None else args.argv, "```", "",
+              "<details><summary>Exact command of every run (working directory: the repository root)</summary>", "", "```"]
+    lines += [f"{r['command']}" for r in sorted(results, key=lambda r: r["name"])]
+    lines += ["```", "", "</details>", ""]
+    atomic_write(out / "README.md", "\n".join(lines))
+    summary = {"group_axes": agg["group_axes"], "seed_axis": agg["seed_axis"],
+               "rows": [{k: g[k] for k in ("cell", "runs", "status", "stats", "first_stats", "values", "first")}
+                        for g in agg["rows"]],
+               "selected": [{k: g[k] for k in ("cell", "stats", "first_stats", "selected_by")} for g in agg["selected"]]}
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    print(f"wrote {out / 'README.md'}, summary.json" + (", " + ", ".join(figures) if figures else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the grid's cells that have no finished result")
+    r.add_argument("grid")
+    r.add_argument("--out", required=True, help="study folder: one sub-folder per run")
+    r.add_argument("--launcher", default="python", help='"python" (this interpreter) or e.g. "accelerate launch"')
+    r.add_argument("--only", default=None, help="regular expression: run only cells whose name matches")
+    r.add_argument("--max_runs", type=int, default=None, help="run at most N cells this time")
+    r.add_argument("--timeout", type=float, default=None, help="seconds per run (the run is recorded as timeout)")
+    r.add_argument("--dry_run", action="store_true", help="print the exact commands that would run, run nothing")
+    r.add_argument("--data_root", default=None, help="substituted for {data_root} in the grid")
+    r.add_argument("--set", action="append", metavar="NAME=VALUE", help="other {NAME} substitutions")
+    ls = sub.add_parser("list", help="the grid's cells and, with --out, their status")
+    ls.add_argument("grid")
+    ls.add_argument("--out", default=None)
+    ls.add_argument("--data_root", default=None)
+    ls.add_argument("--set", action="append", metavar="NAME=VALUE")
+    rep = sub.add_parser("report", help="aggregate a study folder into markdown, summary.json and PNG plots")
+    rep.add_argument("dir")
+    rep.add_argument("--out", required=True, help="folder for README.md, summary.json and the plots")
+    rep.add_argument("--grid", default=None, help="grid file for the report settings (default: the one the runs name)")
+    args = p.parse_args(argv)
+    args.argv = None if argv is None else shlex.join(["python", "benchmarks/study.py", *argv])
+    if getattr(args, "max_runs", None) is not None and args.max_runs < 0:
+        p.error("--max_runs must be >= 0")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return {"run": cmd_run, "list": cmd_list, "report": cmd_report}[args.command](args)
+    except GridError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

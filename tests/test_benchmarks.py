@@ -1,0 +1,272 @@
+"""benchmarks/study.py: grid expansion, exact commands, skip-finished / resume logic, atomic results, aggregation.
+
+Runs a tiny fake "example script" (a Python file written to tmp_path) instead of the real examples, so the whole
+file takes a few seconds.
+"""
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import study  # noqa: E402
+
+FAKE = r'''
+import argparse, json, os, sys
+from pathlib import Path
+p = argparse.ArgumentParser()
+p.add_argument("--output_dir"); p.add_argument("--seed", type=int); p.add_argument("--gain", type=float, default=1.0)
+p.add_argument("--exit_code", type=int, default=0); p.add_argument("--resume_from_checkpoint")
+p.add_argument("--data", default=None); p.add_argument("--no_results", action="store_true")
+p.add_argument("--init", default="default"); p.add_argument("--alpha", type=float, default=None)
+a = p.parse_args()
+out = Path(a.output_dir); out.mkdir(parents=True, exist_ok=True)
+with open(out.parent / "invocations.txt", "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+if a.exit_code:
+    print("error: fake failure", file=sys.stderr); sys.exit(a.exit_code)
+score = a.gain * 10 + (a.seed % 7) * 0.37
+with open(out / "metrics.jsonl", "w") as f:
+    f.write(json.dumps({"step": 0, "epoch": 0, "emergence_normalised": 0.01 * (a.alpha or 1) + 0.001 * a.seed}) + "\n")
+    for step in (10, 20, 30):
+        f.write(json.dumps({"step": step, "epoch": step // 20, "validation_score": score * step / 30}) + "\n")
+    f.write(json.dumps({"step": 30, "validation_score": score, "test_score": score + 1, "final": True}) + "\n")
+if not a.no_results:
+    (out / "all_results.json").write_text(json.dumps({"val_score": score, "epoch1_validation_score": score / 2}))
+'''
+
+
+def write_grid(tmp_path: Path, **changes) -> Path:
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE)
+    grid = {
+        "name": "fake",
+        "script": str(script),
+        "vars": {"data_root": "/nowhere"},
+        "common_args": ["--data", "{data_root}/x"],
+        "axes": {"arm": {"base": ["--gain", "1", "--init", "xavier"], "better": ["--gain", "2", "--init", "emergence", "--alpha", "1.5"]},
+                 "seed": [1, 2, 3]},
+        "report": {"metrics": ["val_score", "test_score"], "first_epoch_metrics": ["validation_score"],
+                   "curve_metrics": ["validation_score"], "baseline": "base"},
+    }
+    grid.update(changes)
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    return path
+
+
+def invocations(out: Path) -> list[list[str]]:
+    f = out / "invocations.txt"
+    return [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_dry_run_prints_the_exact_commands_that_run(tmp_path, capsys):
+    grid, out = write_grid(tmp_path), tmp_path / "study"
+    assert study.main(["run", str(grid), "--out", str(out), "--dry_run", "--data_root", "/data"]) == 0
+    printed = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+    assert len(printed) == 6 and not out.exists()                     # nothing ran
+    first = shlex.split(printed[0])
+    assert first[0] == sys.executable and first[1] == str(tmp_path / "fake_run.py")
+    assert first[2:] == ["--data", "/data/x", "--gain", "1", "--init", "xavier", "--seed", "1", "--output_dir", str(out / "arm-base__seed-1")]
+    assert study.main(["run", str(grid), "--out", str(out), "--data_root", "/data"]) == 0
+    ran = sorted(json.loads((out / p.parent.name / study.RESULT).read_text())["command"] for p in out.glob("*/study_result.json"))
+    assert ran == sorted(printed)
+
+
+def test_skips_finished_runs_retries_failed_and_keeps_diverged(tmp_path):
+    grid = write_grid(tmp_path, axes={"arm": {"ok": [], "diverged": ["--exit_code", "3"], "crash": ["--exit_code", "1"],
+                                              "noresult": ["--no_results"]}, "seed": [1]})
+    out = tmp_path / "study"
+    assert study.main(["run", str(grid), "--out", str(out)]) == 1   # a failed run -> exit 1
+    status = {d.name: json.loads((d / study.RESULT).read_text())["status"] for d in out.iterdir() if d.is_dir()}
+    assert status == {"arm-ok__seed-1": "ok", "arm-diverged__seed-1": "diverged", "arm-crash__seed-1": "failed",
+                      "arm-noresult__seed-1": "failed"}
+    res = json.loads((out / "arm-diverged__seed-1" / study.RESULT).read_text())
+    assert res["exit_code"] == 3 and res["all_results"] is None and "fake failure" in "\n".join(res["log_tail"])
+    assert len(invocations(out)) == 4
+    study.main(["run", str(grid), "--out", str(out)])               # only the two failed runs again
+    again = invocations(out)[4:]
+    assert sorted(a[-1] for a in again) == sorted([str(out / "arm-crash__seed-1"), str(out / "arm-noresult__seed-1")])
+    ok = json.loads((out / "arm-ok__seed-1" / study.RESULT).read_text())
+    assert ok["all_results"]["val_score"] == pytest.approx(10.37)
+    assert [r["step"] for r in ok["curve"]] == [0, 10, 20, 30, 30] and ok["wall_time_s"] >= 0
+
+
+def test_only_max_runs_and_resume_from_checkpoint(tmp_path):
+    grid, out = write_grid(tmp_path), tmp_path / "study"
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "better", "--max_runs", "2"]) == 0
+    assert sorted(p.parent.name for p in out.glob("*/study_result.json")) == ["arm-better__seed-1", "arm-better__seed-2"]
+    # a run cut short after writing a checkpoint restarts with --resume_from_checkpoint latest
+    ckpt = out / "arm-base__seed-1" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest").write_text("step_00000010")
+    study.main(["run", str(grid), "--out", str(out), "--only", "arm-base__seed-1$"])
+    assert invocations(out)[-1][-2:] == ["--resume_from_checkpoint", "latest"]
+    assert json.loads((out / "arm-base__seed-1" / study.RESULT).read_text())["resumed"] is True
+
+
+def test_atomic_write_keeps_the_old_result_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "run" / study.RESULT
+    study.atomic_write(target, json.dumps({"status": "ok"}))
+    assert study.is_finished(target.parent)
+
+    def boom(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        study.atomic_write(target, "{half")
+    assert json.loads(target.read_text()) == {"status": "ok"}
+    # a half-written temp file never counts as a result
+    assert not study.is_finished(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / study.RESULT).write_text('{"status": "o')
+    assert not study.is_finished(tmp_path / "other")
+
+
+def test_interrupted_run_writes_no_result(tmp_path):
+    grid = study.load_grid(write_grid(tmp_path))
+    cell = grid.cells()[0]
+
+    class Stop(BaseException):
+        pass
+
+    real_popen = study.subprocess.Popen
+
+    class InterruptedPopen(real_popen):
+        def wait(self, timeout=None):
+            if timeout is None and not getattr(self, "_stopped", False):
+                self._stopped = True
+                raise Stop
+            return super().wait(timeout)
+
+    study.subprocess.Popen = InterruptedPopen
+    try:
+        with pytest.raises(Stop):
+            study.execute(grid, cell, tmp_path / "study", [sys.executable], None)
+    finally:
+        study.subprocess.Popen = real_popen
+    assert not (tmp_path / "study" / cell.name / study.RESULT).exists()
+
+
+def test_aggregation_matches_numpy_and_report_is_written(tmp_path):
+    grid, out = write_grid(tmp_path), tmp_path / "study"
+    assert study.main(["run", str(grid), "--out", str(out)]) == 0
+    results = study.load_results(out)
+    agg = study.aggregate(results, study.load_grid(grid).report)
+    rows = {g["cell"]["arm"]: g for g in agg["rows"]}
+    assert list(rows) == ["base", "better"] and agg["group_axes"] == ["arm"]
+    for arm, gain in (("base", 1), ("better", 2)):
+        scores = np.array([gain * 10 + (s % 7) * 0.37 for s in (1, 2, 3)])
+        st = rows[arm]["stats"]
+        assert st["val_score"]["n"] == 3
+        assert st["val_score"]["mean"] == pytest.approx(scores.mean())
+        assert st["val_score"]["std"] == pytest.approx(scores.std(ddof=1))
+        assert st["test_score"]["mean"] == pytest.approx((scores + 1).mean())       # from the final record
+        first = rows[arm]["first_stats"]["validation_score"]                          # all_results' epoch1_*
+        assert first["mean"] == pytest.approx((scores / 2).mean()) and first["std"] == pytest.approx((scores / 2).std(ddof=1))
+    report = tmp_path / "report"
+    assert study.main(["report", str(out), "--out", str(report)]) == 0
+    text = (report / "README.md").read_text()
+    m = (np.array([20.37, 20.74, 21.11])).mean()
+    assert f"{m:.2f} ± {np.array([20.37, 20.74, 21.11]).std(ddof=1):.2f}" in text
+    assert "| better | 3 |" in text and "+10.00" in text                      # delta vs the baseline arm
+    assert "--output_dir" in text and (report / "curves_all.png").stat().st_size > 0
+    assert (report / "E_vs_alpha.png").stat().st_size > 0                    # emergence_normalised at step 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["rows"][0]["stats"]["val_score"]["n"] == 3
+
+
+def test_first_epoch_from_curve_and_select(tmp_path):
+    res = {"all_results": {}, "curve": [{"step": 10, "epoch": 0, "validation_bleu": 1.0},
+                                        {"step": 20, "epoch": 1, "validation_bleu": 2.0},
+                                        {"step": 30, "epoch": 1, "validation_bleu": 3.0}]}
+    assert study.first_epoch_metrics(res, ["validation_bleu"]) == {"validation_bleu": 2.0}
+
+    def run(arm, seed, v):
+        return {"name": f"arm-{arm}__seed-{seed}", "axes": ["arm", "seed"], "cell": {"arm": arm, "seed": str(seed)},
+                "status": "ok", "all_results": {"val": v}, "curve": []}
+
+    results = [run("warmup_0", 1, 1.0), run("warmup_0", 2, 2.0), run("warmup_100", 1, 5.0), run("warmup_100", 2, 6.0),
+               run("xavier", 1, 9.0)]
+    agg = study.aggregate(results, {"metrics": ["val"], "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "val"}]})
+    assert [s["cell"]["arm"] for s in agg["selected"]] == ["warmup_tuned (= warmup_100)"]
+    assert agg["selected"][0]["stats"]["val"]["mean"] == 5.5
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{", "not valid JSON"),
+    ("[]", "expected a JSON object"),
+    ('{"axes": {"seed": [1]}}', '"script"'),
+    ('{"script": "x.py", "axes": {}}', '"axes"'),
+    ('{"script": "x.py", "axes": {"seed": [1]}, "bogus": 1}', "unknown key(s) bogus"),
+    ('{"script": "x.py", "axes": {"arm": {"a b": []}}}', "value 'a b'"),
+    ('{"script": "x.py", "axes": {"arm": {"a": "--x"}}}', "expected a list of argument strings"),
+    ('{"script": "x.py", "common_args": ["{data_root}"], "axes": {"seed": [1]}}', "uses {data_root}"),
+    ('{"script": "x.py", "axes": {"seed": [1]}, "exclude": [{"nope": "*"}]}', '"exclude"'),
+    ('{"script": "x.py", "axes": {"seed": [1]}, "exclude": [{"seed": "*"}]}', "leave no cell"),
+])
+def test_bad_grid_is_one_line_naming_the_file(tmp_path, capsys, content, expected):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert study.main(["run", str(path), "--out", str(tmp_path / "o"), "--dry_run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: {path}:") and expected in err
+
+
+def test_shipped_grids_load_and_expand():
+    grids = sorted((ROOT / "benchmarks" / "grids").glob("*.json"))
+    assert grids, "benchmarks/grids/*.json missing"
+    for path in grids:
+        grid = study.load_grid(path, {"data_root": "/data"})
+        cells = grid.cells()
+        assert cells and len({c.name for c in cells}) == len(cells)
+        assert all("{" not in a for c in cells for a in c.args), path
+
+
+def test_shipped_grid_cells_parse_with_their_script():
+    """Every cell of every shipped grid is accepted by the example script's own argument parser."""
+    import importlib.util
+
+    for path in sorted((ROOT / "benchmarks" / "grids").glob("*.json")):
+        grid = study.load_grid(path, {"data_root": "/data"})
+        script = ROOT / grid.script
+        if not script.is_file():
+            pytest.skip(f"{grid.script} not present")
+        spec = importlib.util.spec_from_file_location(f"_grid_script_{path.stem}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for cell in grid.cells():
+            module.parse_args(cell.args + ["--output_dir", "/tmp/unused"])
+
+
+def test_parallel_workers_share_a_study_folder(tmp_path):
+    """A run locked by a live worker is skipped; a lock left by a dead worker is taken over."""
+    import subprocess
+
+    grid, out = write_grid(tmp_path), tmp_path / "study"
+    busy, stale = out / "arm-base__seed-1", out / "arm-base__seed-2"
+    busy.mkdir(parents=True)
+    stale.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (busy / study.LOCK).write_text(str(sleeper.pid))
+        (stale / study.LOCK).write_text(str(dead.pid))
+        assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-base"]) == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not (busy / study.RESULT).exists() and (busy / study.LOCK).exists()
+    assert study.is_finished(stale) and not (stale / study.LOCK).exists()
+    assert study.is_finished(out / "arm-base__seed-3")
+    # --max_runs counts runs executed, not runs skipped because another worker holds them
+    assert study.main(["run", str(grid), "--out", str(out), "--max_runs", "1"]) == 0
+    assert len([p for p in out.glob("*/study_result.json")]) == 3
