@@ -205,6 +205,7 @@ def test_saved_folder_is_a_stock_transformers_model(run_a):
 
     spec = model.config.emergence_init
     assert spec["applied"] is True and spec["alpha"] == 1.1 and spec["base_init"] == "auto"
+    assert model.config.scale_embedding is True        # the preset's fairseq convention survives the round trip
     card = (out / "README.md").read_text()
     assert "emergence-init" in card and "2407.19044" in card and "| `alpha` | `1.1` |" in card
     assert f"| val_bleu | {run_a.results['validation_bleu']:.4g} |" in card
@@ -435,3 +436,11 @@ def test_bad_input_from_the_command_line(case, tmp_path):
     assert sum(line.startswith("error:") for line in lines) == 1 and proc.stdout == ""
     if case == "nan_alpha":                  # rejected while parsing, before anything else is logged
         assert len(lines) == 1
+
+
+def test_generation_length_follows_the_batch_source_length():
+    args = SimpleNamespace(max_target_length=128)
+    assert run.generation_length(torch.zeros(4, 20, dtype=torch.long), args) == 40      # 1.5 * 20 + 10
+    assert run.generation_length(torch.zeros(4, 200, dtype=torch.long), args) == 128    # capped
+    args.max_target_length = 16
+    assert run.generation_length(torch.zeros(1, 3, dtype=torch.long), args) == 14

@@ -38,6 +38,7 @@ logger = logging.getLogger("hf_emergence.examples.translation")
 BUILTIN_DATA = Path(__file__).resolve().parent / "data" / "multi30k_sample"
 MODEL_TYPES = ("marian", "bart", "mbart", "m2m_100", "pegasus", "t5", "mt5")
 SPECIALS = ("<pad>", "</s>", "<unk>")
+SINUSOIDAL_POSITIONS = ("marian", "pegasus", "m2m_100")
 # Model sizes. "small" trains in minutes on 2 CPU cores; "iwslt" is fairseq's transformer_iwslt_de_en (the paper's
 # IWSLT14 setting: 6+6 layers, d=512, FFN 1024, 4 heads) for GPU users. Keys use BART-family names; T5 maps them.
 PRESETS = {
@@ -276,6 +277,11 @@ def build_config(args: argparse.Namespace, tokenizer):
                     decoder_ffn_dim=p["ffn"], encoder_attention_heads=p["heads"], decoder_attention_heads=p["heads"],
                     dropout=p["dropout"], max_position_embeddings=max(256, args.max_source_length, args.max_target_length),
                     bos_token_id=tokenizer.pad_token_id)
+        if args.model_type in SINUSOIDAL_POSITIONS:
+            # fairseq's Transformer convention: token embeddings (std 0.02 here) times sqrt(d_model); unscaled, they are
+            # drowned by the fixed sinusoidal positions (amplitude 1) and training starts slowly. Override with
+            # --config_overrides scale_embedding=false.
+            size["scale_embedding"] = True
     config = AutoConfig.for_model(args.model_type, **ids, **size)
     return common.apply_config_overrides(config, args.config_overrides)
 
@@ -313,6 +319,16 @@ def smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) 
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+def generation_length(input_ids: torch.Tensor, args: argparse.Namespace) -> int:
+    """Longest output for a batch: 1.5x its longest source + 10 tokens, at most --max_target_length.
+
+    An untrained model rarely emits </s>, so a fixed 128-token limit makes early evaluations several times slower;
+    evaluation batches are sorted by length, so the bound is tight per batch and far above real translations.
+    """
+    return min(args.max_target_length, int(1.5 * input_ids.shape[1]) + 10)
+
+
+
 @torch.no_grad()
 def evaluate(accelerator, model, dataloader, tokenizer, references: list[str], args: argparse.Namespace,
              split: str) -> dict[str, Any]:
@@ -333,7 +349,7 @@ def evaluate(accelerator, model, dataloader, tokenizer, references: list[str], a
         token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100,
                                      reduction="none").view(labels.shape)
         out = generator.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 num_beams=args.num_beams, max_length=args.max_target_length)
+                                 num_beams=args.num_beams, max_length=generation_length(batch["input_ids"], args))
         out = accelerator.pad_across_processes(out, dim=1, pad_index=tokenizer.pad_token_id)
         # per-sentence loss sums go through gather_for_metrics too, so the duplicated samples are not counted
         out, index, sentence_loss, sentence_tokens = accelerator.gather_for_metrics(
