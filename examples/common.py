@@ -329,6 +329,52 @@ def clip_and_check(accelerator: Accelerator, model: nn.Module, args: argparse.Na
     return norm
 
 
+def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   loss: torch.Tensor, args: argparse.Namespace, state: "TrainState", checkpoints: "Checkpoints"
+                   ) -> Optional[float]:
+    """Backward, then (on the micro-batch that completes an accumulation) clip/check the gradient norm and step.
+
+    Call inside ``accelerator.accumulate(model)``: the prepared optimizer and scheduler skip the other micro-batches.
+    Returns the gradient norm, or None when no step was taken.
+    """
+    accelerator.backward(loss)
+    grad_norm = clip_and_check(accelerator, model, args, state, checkpoints) if accelerator.sync_gradients else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return grad_norm
+
+
+def count_micro_batch(state: "TrainState", accelerator: Accelerator, samples: int) -> bool:
+    """Advance the counters after a micro-batch of ``samples`` per process; True if it completed an optimizer step."""
+    state.batches_in_epoch += 1
+    state.samples_seen += samples * accelerator.num_processes
+    if not accelerator.sync_gradients:
+        return False
+    state.completed_steps += 1
+    return True
+
+
+def finish_epoch(state: "TrainState", batches_per_epoch: int) -> bool:
+    """Close the epoch if its last micro-batch ran (also when the step budget ends exactly with it)."""
+    if state.batches_in_epoch < batches_per_epoch:
+        return False
+    state.epoch += 1
+    state.batches_in_epoch = 0
+    return True
+
+
+def log_training(log: "MetricsLog", state: "TrainState", accelerator: Accelerator, loss: torch.Tensor,
+                 grad_norm: Optional[float], scheduler: Any, timer: "Timer", unit: str) -> dict[str, Any]:
+    """One training record: loss, gradient norm, learning rate, ``<unit>_per_s`` over all processes, data wait share."""
+    speed = timer.summary()
+    record = {"step": state.completed_steps, "epoch": state.epoch, "loss": float(loss.detach()), "grad_norm": grad_norm,
+              "lr": scheduler.get_last_lr()[0], f"{unit}_per_s": speed["items_per_s"] * accelerator.num_processes,
+              "data_wait_share": speed["data_wait_share"]}
+    log.log(record)
+    return record
+
+
 # ------------------------------------------------------------------------------------- state/checkpoints
 @dataclass
 class TrainState:

@@ -435,31 +435,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
                 loss = smoothed_loss(logits, batch["labels"], args.label_smoothing)
-                accelerator.backward(loss)
-                grad_norm = common.clip_and_check(accelerator, model, args, state, checkpoints) if accelerator.sync_gradients else None
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state.batches_in_epoch += 1
-            state.samples_seen += len(batch["input_ids"]) * accelerator.num_processes
+                grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints)
             timer.step_done(int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum()))
-            if not accelerator.sync_gradients:
+            if not common.count_micro_batch(state, accelerator, len(batch["input_ids"])):
                 continue
-            state.completed_steps += 1
             progress.update(1)
             if state.completed_steps % args.logging_steps == 0:
-                speed = timer.summary()
-                log.log({"step": state.completed_steps, "epoch": state.epoch, "loss": float(loss.detach()), "grad_norm": grad_norm,
-                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": speed["items_per_s"] * accelerator.num_processes,
-                         "data_wait_share": speed["data_wait_share"]})
-                progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "tokens")
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
             timer.restart()
             if state.completed_steps >= max_steps:
                 break
-        if state.batches_in_epoch >= len(train_dl):   # the epoch ran to its end (also when the budget ends with it)
-            state.epoch += 1
-            state.batches_in_epoch = 0
+        if common.finish_epoch(state, len(train_dl)):
             evaluate_and_checkpoint(epoch_end=True)
             timer.restart()
     progress.close()
