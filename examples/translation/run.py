@@ -313,6 +313,15 @@ def build_model(args: argparse.Namespace, tokenizer):
     return model
 
 
+def forward_logits(accelerator, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Teacher-forced logits. The decoder inputs are the labels shifted right, made by the model's own
+    ``prepare_decoder_input_ids_from_labels``; passing ``labels=`` instead would make the model compute (and the
+    script discard) a second, unsmoothed cross-entropy over the whole vocabulary."""
+    decoder_input_ids = accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 decoder_input_ids=decoder_input_ids).logits
+
+
 def smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100,
                            label_smoothing=smoothing)
@@ -345,7 +354,7 @@ def evaluate(accelerator, model, dataloader, tokenizer, references: list[str], a
     for batch in tqdm(dataloader, desc=f"eval {split}", disable=args.no_progress_bar or not accelerator.is_local_main_process,
                       leave=False):
         labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+        logits = forward_logits(accelerator, model, batch)
         token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100,
                                      reduction="none").view(labels.shape)
         out = generator.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -433,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         for batch in batches:
             timer.data_ready()
             with accelerator.accumulate(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+                logits = forward_logits(accelerator, model, batch)
                 loss = smoothed_loss(logits, batch["labels"], args.label_smoothing)
                 grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints)
             timer.step_done(int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum()))
