@@ -252,7 +252,9 @@ def translation_task(opts, work: Path) -> dict[str, Any]:
             t = time.perf_counter()
             batch = run.collate([data[j] for j in batches[i]], pad)
             data_s = time.perf_counter() - t
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+            decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=decoder_input_ids).logits
             loss = run.smoothed_loss(logits, batch["labels"], args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
