@@ -146,6 +146,13 @@ def add_run_args(parser: argparse.ArgumentParser, default_output_dir: str) -> No
     g.add_argument("--no_progress_bar", action="store_true")
 
 
+def add_diagnostics_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("diagnostics")
+    g.add_argument("--measure_emergence", action="store_true",
+                   help="log the emergence E and print the activation profile on a fixed validation batch at init "
+                        "and at every evaluation")
+
+
 def check_common_args(args: argparse.Namespace) -> None:
     """Combination checks for the shared flags (done at the end of each script's parse_args)."""
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
@@ -373,6 +380,24 @@ def log_training(log: "MetricsLog", state: "TrainState", accelerator: Accelerato
               "data_wait_share": speed["data_wait_share"]}
     log.log(record)
     return record
+
+
+def emergence_report(accelerator: Accelerator, model: nn.Module, inputs: Any) -> dict[str, Any]:
+    """E (log10 and normalised) on a fixed batch, with the activation profile table in the log.
+
+    ``inputs`` is what the model is called with: a tensor, or a dict of keyword tensors (moved to the device).
+    """
+    from hf_emergence import activation_profile, emergence
+
+    target = accelerator.unwrap_model(model)
+    if isinstance(inputs, dict):
+        inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
+    else:
+        inputs = inputs.to(accelerator.device)
+    score = emergence(target, inputs)
+    if accelerator.is_main_process:
+        logger.info("activation profile:\n%s", activation_profile(target, inputs))
+    return {"emergence_log10_E": score.log10_E, "emergence_normalised": score.normalised}
 
 
 # ------------------------------------------------------------------------------------- state/checkpoints

@@ -444,3 +444,25 @@ def test_generation_length_follows_the_batch_source_length():
     assert run.generation_length(torch.zeros(4, 200, dtype=torch.long), args) == 128    # capped
     args.max_target_length = 16
     assert run.generation_length(torch.zeros(1, 3, dtype=torch.long), args) == 14
+
+
+def test_measure_emergence_logs_the_score_of_the_model_being_trained(tmp_path):
+    """--measure_emergence: E at step 0 and at each evaluation; the last one equals the library's E on the saved model."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from hf_emergence import emergence
+
+    out = tmp_path / "measured"
+    _main([*TINY, "--max_train_steps", "13", "--measure_emergence", "--output_dir", out])
+    records = [r for r in _metrics(out) if "emergence_log10_E" in r]
+    assert [r["step"] for r in records] == [0, 13]
+    model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    args = run.parse_args([*TINY, "--output_dir", str(out)])
+    pairs = run.load_splits(args)["validation"]
+    batch = run.collate(run.encode(pairs, tokenizer, args)[:64], tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
+    score = emergence(model, inputs)
+    assert records[-1]["emergence_log10_E"] == pytest.approx(score.log10_E, rel=1e-9)
+    assert records[-1]["emergence_normalised"] == pytest.approx(score.normalised, rel=1e-9)

@@ -73,6 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     common.add_init_args(parser)
     common.add_training_args(parser, batch_size=64, learning_rate=1e-3, epochs=3, weight_decay=0.0001, warmup=200,
                              scheduler="inverse_sqrt")
+    common.add_diagnostics_args(parser)
     common.add_run_args(parser, default_output_dir="out/translation")
     args = parser.parse_args(argv)
     common.check_common_args(args)
@@ -416,10 +417,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     eval_dls = {s: accelerator.prepare(dl) for s, dl in eval_dls.items()}
     max_steps, num_epochs = common.training_length(args, len(train_dl))
 
+    probe_batch = collate(data["validation"][:64], pad)       # fixed batch for --measure_emergence
+    probe = {"input_ids": probe_batch["input_ids"], "attention_mask": probe_batch["attention_mask"],
+             "decoder_input_ids": accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(
+                 labels=probe_batch["labels"])}
+
     state = checkpoints.load(resume_path) if resume_path else common.TrainState()
     if resume_path:
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.completed_steps, state.epoch)
     log = common.MetricsLog(accelerator, args.output_dir, args.with_tracking, state.completed_steps if resume_path else None)
+    if args.measure_emergence and not resume_path:
+        log.log({"step": 0, "epoch": 0, **common.emergence_report(accelerator, model, probe)})
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     timer = common.Timer()
@@ -427,6 +435,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
         if common.is_due(args.eval_steps, state, epoch_end):
             result = evaluate(accelerator, model, eval_dls["validation"], tokenizer, references["validation"], args, "validation")
+            if args.measure_emergence:
+                result.update(common.emergence_report(accelerator, model, probe))
             state.last_eval = result
             log.log({"step": state.completed_steps, "epoch": state.epoch, **result})
             if accelerator.is_main_process:

@@ -91,10 +91,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     common.add_init_args(parser)
     common.add_training_args(parser, batch_size=128, learning_rate=None, epochs=3, weight_decay=None, warmup=0,
                              scheduler="cosine", optimizer=None)
-    g = parser.add_argument_group("diagnostics")
-    g.add_argument("--measure_emergence", action="store_true",
-                   help="log the emergence E and print the activation profile on a fixed validation batch at init "
-                        "and at every evaluation")
+    common.add_diagnostics_args(parser)
     common.add_run_args(parser, default_output_dir="out/vision")
     args = parser.parse_args(argv)
 
@@ -427,17 +424,6 @@ def evaluate(accelerator, model, dataloader, args: argparse.Namespace, split: st
             f"{split}_samples": metric["total"]}
 
 
-def emergence_report(model, batch: dict[str, torch.Tensor], accelerator) -> dict[str, Any]:
-    """E (and its normalised form) on a fixed batch; the activation profile table is logged."""
-    from hf_emergence import activation_profile, emergence
-
-    target = accelerator.unwrap_model(model)
-    pixels = batch["pixel_values"].to(accelerator.device)
-    score = emergence(target, pixels)
-    logger.info("activation profile:\n%s", activation_profile(target, pixels))
-    return {"emergence_log10_E": score.log10_E, "emergence_normalised": score.normalised}
-
-
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
@@ -480,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.completed_steps, state.epoch)
     log = common.MetricsLog(accelerator, args.output_dir, args.with_tracking, state.completed_steps if resume_path else None)
     if args.measure_emergence and not resume_path:
-        log.log({"step": 0, "epoch": 0, **emergence_report(model, probe, accelerator)})
+        log.log({"step": 0, "epoch": 0, **common.emergence_report(accelerator, model, probe["pixel_values"])})
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     timer = common.Timer()
@@ -490,7 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if common.is_due(args.eval_steps, state, epoch_end) or first_epoch:
             result = evaluate(accelerator, model, val_dl, args)
             if args.measure_emergence:
-                result.update(emergence_report(model, probe, accelerator))
+                result.update(common.emergence_report(accelerator, model, probe["pixel_values"]))
             if first_epoch:
                 state.recorded["epoch1_accuracy"] = result["validation_accuracy"]
             state.last_eval = {"step": state.completed_steps, **result}
