@@ -208,7 +208,8 @@ def path_count(n: list[int], a: list[int], a_later: Optional[list[int]] = None) 
 
 def suggest_alpha(model: nn.Module, batch: Batch, *, min_scale: float = 0.1, alpha_max: float = 2.0,
                   tol: float = 1e-3, init: Optional[EmergenceInit] = None, plan: Optional[EmergencePlan] = None,
-                  example_inputs: Optional[ExampleInputs] = None, bn_stats: str = "batch") -> float:
+                  example_inputs: Optional[ExampleInputs] = None, bn_stats: str = "batch",
+                  min_active: Optional[float] = None, threshold: float = 0.05) -> float:
     """Largest alpha in [1, alpha_max] (to within ``tol``) keeping every layer's input signal >= min_scale x.
 
     With the schedule of ``init`` (its alpha ignored; the model's current weights are the base, i.e.
@@ -216,8 +217,14 @@ def suggest_alpha(model: nn.Module, batch: Batch, *, min_scale: float = 0.1, alp
     must stay >= ``min_scale`` times its value at alpha = 1 (layers whose value at alpha = 1 is 0 are
     skipped). For a bias-free ReLU chain the input of layer l scales by prod_{j<l} alpha**k_j, so this
     bounds the U-shaped shrink alpha**(-n(n+1)/2) of method.md 1.4; the input rather than the output is
-    used so that a layer's own factor (harmless before a normalisation) does not count. Bisection on a
-    deep copy: 2 + ceil(log2((alpha_max - 1) / tol)) forward passes; ``model`` is never modified.
+    used so that a layer's own factor (harmless before a normalisation) does not count.
+
+    With ``min_active`` (a fraction in (0, 1]), every layer's active fraction (units whose batch-mean
+    ReLU(output) exceeds ``threshold``, as in :func:`emergence`) must also stay >= ``min_active`` times its
+    value at alpha = 1. Use it for pre-LayerNorm Transformers: their blocks see normalised inputs, so the
+    input bound passes while the first blocks' FFN units die (e.g. ``min_active=0.5``).
+
+    Bisection on a deep copy: 2 + ceil(log2((alpha_max - 1) / tol)) forward passes; ``model`` is never modified.
     """
     if not (_is_real(min_scale) and 0 < min_scale <= 1):
         raise ValueError(f"min_scale={min_scale!r} is invalid: expected a fraction in (0, 1], e.g. 0.1")
@@ -225,6 +232,8 @@ def suggest_alpha(model: nn.Module, batch: Batch, *, min_scale: float = 0.1, alp
         raise ValueError(f"alpha_max={alpha_max!r} is invalid: expected a finite number > 1, e.g. 2.0")
     if not (_is_real(tol) and tol > 0):
         raise ValueError(f"tol={tol!r} is invalid: expected a number > 0, e.g. 1e-3")
+    if min_active is not None and not (_is_real(min_active) and 0 < min_active <= 1):
+        raise ValueError(f"min_active={min_active!r} is invalid: expected None or a fraction in (0, 1], e.g. 0.5")
     _check_bn_stats(bn_stats)
     target = unwrap_model(model)
     reason = already_applied(target)
@@ -240,9 +249,10 @@ def suggest_alpha(model: nn.Module, batch: Batch, *, min_scale: float = 0.1, alp
     scaled = [(work.get_parameter(e.name), e.k) for e in plan.entries if e.k is not None]
     units = _units(work, plan)
 
-    def inputs() -> list[float]:
+    def measure() -> list[tuple[float, float]]:
+        """(mean |input|, active fraction) per layer."""
         stats, _ = _record(work, work, batch, units, torch.relu, bn_stats=bn_stats, grad=False)
-        return [st.in_abs for st in stats]
+        return [(st.in_abs, float((st.per_sample().mean(0) > threshold).double().mean())) for st in stats]
 
     current = 1.0
 
@@ -252,9 +262,12 @@ def suggest_alpha(model: nn.Module, batch: Batch, *, min_scale: float = 0.1, alp
         for param, k in scaled:                      # rescale by the factor ratio: no second copy
             param.mul_(scale_factor(alpha, k, mode) / scale_factor(current, k, mode))
         current = alpha
-        return all(x >= min_scale * b for x, b in zip(inputs(), base) if b > 0)
+        now = measure()
+        inputs_ok = all(x >= min_scale * b for (x, _), (b, _) in zip(now, base) if b > 0)
+        active_ok = min_active is None or all(a >= min_active * b for (_, a), (_, b) in zip(now, base))
+        return inputs_ok and active_ok
 
-    base = inputs()
+    base = measure()
     if passes(float(alpha_max)):
         return float(alpha_max)
     lo, hi = 1.0, float(alpha_max)

@@ -254,7 +254,8 @@ def test_suggest_alpha_with_batchnorm_returns_alpha_max():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(min_scale=0.0), "min_scale"), (dict(min_scale=1.5), "min_scale"), (dict(alpha_max=1.0), "alpha_max"),
-    (dict(alpha_max=float("inf")), "alpha_max"), (dict(tol=0), "tol"), (dict(bn_stats="x"), "bn_stats")])
+    (dict(alpha_max=float("inf")), "alpha_max"), (dict(tol=0), "tol"), (dict(bn_stats="x"), "bn_stats"),
+    (dict(min_active=0.0), "min_active"), (dict(min_active=2), "min_active")])
 def test_suggest_alpha_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         suggest_alpha(MLP(bias=False), torch.randn(4, 12), **kwargs)
@@ -281,3 +282,30 @@ def test_a_layer_that_does_not_run_is_reported():
     plan = EmergenceInit(alpha=1.0).plan(model, example_inputs=x)
     with pytest.raises(ValueError, match="'c' did not run"):
         emergence(model, (x, True), plan=plan)
+
+
+def test_suggest_alpha_min_active_protects_a_pre_layernorm_transformer():
+    """Pre-LN blocks see normalised inputs, so the input bound alone allows any alpha while the first FFN dies."""
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                       intermediate_size=64, num_labels=10)
+    model = ViTForImageClassification(config).eval()
+    EmergenceInit(alpha=1.0, base_init="xavier_uniform").apply(model)     # the base the init would start from
+    del model.emergence_plan
+    model.config.emergence_init = None
+    x = torch.randn(16, 3, 32, 32)
+    assert suggest_alpha(model, x, alpha_max=4.0, tol=1e-2) == 4.0
+
+    def active(alpha: float) -> list[int]:
+        scaled = copy.deepcopy(model)
+        EmergenceInit(alpha=alpha, base_init="keep").apply(scaled)
+        return [row["a"] for row in emergence(scaled, x).per_layer]
+
+    alpha = suggest_alpha(model, x, alpha_max=4.0, tol=1e-2, min_active=0.5)
+    base, at_alpha = active(1.0), active(alpha)
+    assert 1.0 < alpha < 4.0
+    assert all(a >= 0.5 * b for a, b in zip(at_alpha, base))
+    assert any(a < 0.5 * b for a, b in zip(active(4.0), base))           # what stopped it: the first FFN dies
