@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .architectures import discover
 from .base_init import BASE_INITS
-from .layout import LAYER_UNITS, UNSCALED_ROLES
+from .layout import LAYER_UNITS, UNSCALED_ROLES, logical_shape
 from .plan import EmergencePlan, build_plan
 from .schedule import EVEN_DEPTH_VARIANTS, SCALE_MODES
 from .tracing import ExampleInputs
@@ -131,7 +131,7 @@ class EmergenceInit:
         for name, p in target.named_parameters(remove_duplicate=False):
             canonical = first_name.setdefault(id(p), name)
             if canonical == name:
-                shapes[name] = tuple(p.shape)
+                shapes[name] = logical_shape(p)
             else:
                 aliases.setdefault(canonical, []).append(name)
         try:

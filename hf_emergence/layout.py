@@ -121,13 +121,19 @@ def conv_fans(shape: tuple[int, ...], groups: int = 1) -> tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
+def logical_shape(param: "object") -> tuple[int, ...]:
+    """The full shape of a parameter, also when DeepSpeed ZeRO-3 has partitioned it (data empty, ``ds_shape`` set)."""
+    ds_shape = getattr(param, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(param.shape)
+
+
 def member_for(name: str, module: "object", param_name: str = "weight", role: Optional[str] = None,
                relative_name: Optional[str] = None) -> Member:
     """Build a :class:`Member` for ``module.<param_name>``, computing fans from the module type."""
     import torch.nn as nn
 
     param = getattr(module, param_name)
-    shape = tuple(param.shape)
+    shape = logical_shape(param)
     is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     if _is_hf_conv1d(module):  # transformers.pytorch_utils.Conv1D: weight is (in, out)
         fan_in, fan_out = shape[0], shape[1]

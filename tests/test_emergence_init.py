@@ -282,3 +282,15 @@ def test_deepspeed_zero3_parameters_are_gathered(monkeypatch):
         p.ds_id = 0
     plan = EmergenceInit().apply(model)
     assert len(gathered) == len(plan) and all(rank == 0 for _, rank in gathered)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_plan_of_a_zero3_partitioned_model_equals_the_full_one(name):
+    """DeepSpeed ZeRO-3 leaves each parameter's data empty and its real shape in ``ds_shape``: the plan must not change."""
+    torch.manual_seed(0)
+    model = FACTORIES[name]()
+    expected = EmergenceInit(alpha=1.3).plan(model).to_json()
+    for param in {id(p): p for p in model.parameters()}.values():      # what zero.Init does to every parameter
+        param.ds_shape = param.shape
+        param.data = torch.empty(0, dtype=param.dtype)
+    assert EmergenceInit(alpha=1.3).plan(model).to_json() == expected

@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch.nn as nn
 
-from ..layout import Block, Member, member_for
+from ..layout import Block, Member, logical_shape, member_for
 from .registry import LayoutMismatch
 
 WEIGHT_MODULE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -25,7 +25,7 @@ def iter_weight_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str
     """(full name, module) of every weight module under ``root`` that owns a 2-D+ ``weight``."""
     for name, module in root.named_modules():
         weight = getattr(module, "weight", None)
-        if is_weight_module(module) and isinstance(weight, nn.Parameter) and weight.ndim >= 2:
+        if is_weight_module(module) and isinstance(weight, nn.Parameter) and len(logical_shape(weight)) >= 2:
             yield (f"{prefix}.{name}" if prefix and name else prefix or name), module
 
 

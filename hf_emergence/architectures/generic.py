@@ -23,7 +23,7 @@ from typing import Optional
 from .._warnings import warn
 import torch.nn as nn
 
-from ..layout import ATTN_O, ATTN_QKV, ATTN_Q, ATTN_K, ATTN_V, Block, Layout, Member, Stack, member_for
+from ..layout import ATTN_O, ATTN_QKV, ATTN_Q, ATTN_K, ATTN_V, Block, Layout, Member, Stack, logical_shape, member_for
 from ..tracing import ExampleInputs, first_call_order
 from ._helpers import is_weight_module
 
@@ -54,7 +54,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, Member]]:
         if not is_weight_module(module) or module is output_embeddings:
             continue
         weight = getattr(module, "weight", None)
-        if weight is None or weight.ndim < 2 or id(weight) in embedding_params:
+        if weight is None or len(logical_shape(weight)) < 2 or id(weight) in embedding_params:
             continue
         member = member_for(name, module)
         if any(rx.search(member.param) for rx in unsaved):
