@@ -510,7 +510,9 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if resume_step is not None and self.path.exists():
-                kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+                records = [l for l in self.path.read_text().splitlines() if l]
+                kept = [l for l in records               # a resumed run writes its own final record
+                        if json.loads(l).get("step", 0) <= resume_step and not json.loads(l).get("final")]
             _atomic_write(self.path, "".join(l + "\n" for l in kept))
 
     def log(self, record: dict[str, Any]) -> None:

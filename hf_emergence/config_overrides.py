@@ -58,7 +58,8 @@ def apply_config_overrides(config: Any, overrides: Union[str, Mapping[str, Any],
     :class:`ConfigOverrideError` naming the model type and the key.
     """
     items = parse_config_overrides(overrides) if isinstance(overrides, str) or overrides is None else dict(overrides)
-    known = set(config.to_dict()) | {k for k in dir(config) if not k.startswith("_")}
+    known = set(config.to_dict()) | {k for k in dir(config)             # settings, never methods (to_dict=1)
+                                     if not k.startswith("_") and not callable(getattr(type(config), k, None))}
     model_type = getattr(config, "model_type", None) or type(config).__name__
     for key in items:  # every key is checked before anything is set
         if key not in known:

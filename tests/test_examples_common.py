@@ -128,6 +128,9 @@ def test_apply_config_overrides_sets_typed_values_and_rejects_unknown_keys():
     with pytest.raises(UsageError) as info:
         common.apply_config_overrides(config, "d_model=8,no_such_key=3")
     assert str(info.value) == "--config_overrides: the marian config has no key 'no_such_key'"
+    with pytest.raises(UsageError, match="no key 'to_dict'"):             # a method is not a setting
+        common.apply_config_overrides(config, "to_dict=1")
+    assert callable(config.to_dict)
 
 
 # ------------------------------------------------------------------------------------------------ init
@@ -422,6 +425,9 @@ def test_metrics_log_truncates_to_the_resumed_step(accelerator, tmp_path):
     assert steps() == [10, 20]
     resumed.log({"step": 30, "loss": 0.5})
     assert steps() == [10, 20, 30] and json.loads(path.read_text().splitlines()[-1]) == {"step": 30, "loss": 0.5}
+    resumed.log({"step": 30, "final": True})
+    MetricsLog(accelerator, tmp_path, with_tracking=False, resume_step=30)  # resuming a finished run: its final
+    assert steps() == [10, 20, 30]                                          # record goes, the resumed run writes one
     MetricsLog(accelerator, tmp_path, with_tracking=False)                  # a fresh run starts a fresh log
     assert path.read_text() == ""
     MetricsLog(accelerator, tmp_path / "new", with_tracking=False, resume_step=5)   # resuming without a log is fine
