@@ -35,6 +35,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from ._text import format_k, text_table
 from .base_init import BASE_INITS
 from .config_overrides import ConfigOverrideError, apply_config_overrides
 from .emergence_init import ATTENTION, CHAINS, METADATA_KEYS, EmergenceInit
@@ -477,16 +478,6 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(_jsonable(obj), indent=2, allow_nan=False))
 
 
-def _table(cols: list[str], rows: list[list[str]]) -> str:
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
-    left = {i for i, c in enumerate(cols) if c in ("chain", "block", "name")}
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
-
-    return "\n".join([line(cols)] + [line(r) for r in rows])
-
-
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -646,7 +637,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"{head} [{source}]")
     cols = ["chain", "layer", "block", "k", "factor", "tensors", "params"]
     extra = [] if args.plan_only else (["std"] if recorded is not None else ["std_before", "std_after", "std_ratio"])
-    print(_table(cols + extra, [[_fmt(r[c]) if c not in ("k",) else _fmt_k(r[c]) for c in cols + extra] for r in rows]))
+    print(text_table(cols + extra, [[_fmt(r[c]) if c != "k" else format_k(r[c]) for c in cols + extra] for r in rows]))
     for line in tail:
         print(line)
     for note in notes:
@@ -654,12 +645,6 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if not args.plan_only and recorded is None:
         print(f"std_before: weight std after the base init ({plan.base_init}), std_after: after the scaling "
               f"(measured on copies, seed {args.seed}); std over each layer's scaled tensors")
-
-
-def _fmt_k(k: Any) -> str:
-    if k is None:
-        return "-"
-    return str(int(k)) if float(k).is_integer() else f"{k:+.1f}"
 
 
 class _Moments:

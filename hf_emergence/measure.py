@@ -57,6 +57,7 @@ import torch.nn as nn
 from .emergence_init import EmergenceInit, already_applied, unwrap_model
 from .plan import EmergencePlan, PlanEntry
 from .schedule import scale_factor
+from ._text import text_table
 from .tracing import ExampleInputs
 
 __all__ = ["ActivationProfile", "EmergenceScore", "activation_profile", "emergence", "suggest_alpha", "STATS"]
@@ -484,12 +485,5 @@ def _fmt(v: Any) -> str:
 
 
 def _table(cols: list[str], rows: list[dict[str, Any]]) -> str:
-    """Aligned text table: text columns left-aligned, numbers right-aligned."""
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    left = {i for i, c in enumerate(cols) if c in ("chain", "block", "unit")}
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
-
-    return "\n".join([line(cols)] + [line(row) for row in cells])
+    """Aligned text table of ``rows`` (dicts) in column order ``cols``."""
+    return text_table(cols, [[_fmt(r.get(c)) for c in cols] for r in rows])

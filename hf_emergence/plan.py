@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
+from ._text import format_k
 from .base_init import base_init_
 from .layout import SHORTCUT, UNSCALED_ROLES, Layout, Member
 from .schedule import exponents, middle_shrink, scale_factor
@@ -179,7 +180,7 @@ class EmergencePlan:
         cw = max([len(r["chain"]) for r in rows] + [5])
         lines = [head, f"{'chain':<{cw}} {'layer':>5}  {'block':<{width}} {'k':>6} {'factor':>9} {'tensors':>7} {'params':>11}"]
         for r in rows:
-            lines.append(f"{r['chain']:<{cw}} {r['layer']:>5}  {r['block']:<{width}} {_fmt_k(r['k']):>6} {r['factor']:>9.4f} "
+            lines.append(f"{r['chain']:<{cw}} {r['layer']:>5}  {r['block']:<{width}} {format_k(r['k']):>6} {r['factor']:>9.4f} "
                          f"{r['tensors']:>7} {r['params']:>11,}")
         scaled = [e for e in self.entries if e.scaled]
         kept = [e for e in self.entries if e.layer is None]
@@ -194,12 +195,6 @@ class EmergencePlan:
 
     def __repr__(self) -> str:
         return f"EmergencePlan(model={self.model!r}, entries={len(self.entries)}, chains={self.chains})"
-
-
-def _fmt_k(k: Optional[float]) -> str:
-    if k is None:
-        return "-"
-    return str(int(k)) if float(k).is_integer() else f"{k:+.1f}"
 
 
 def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple[int, ...]],
