@@ -417,10 +417,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     eval_dls = {s: accelerator.prepare(dl) for s, dl in eval_dls.items()}
     max_steps, num_epochs = common.training_length(args, len(train_dl))
 
-    probe_batch = collate(data["validation"][:64], pad)       # fixed batch for --measure_emergence
-    probe = {"input_ids": probe_batch["input_ids"], "attention_mask": probe_batch["attention_mask"],
-             "decoder_input_ids": accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(
-                 labels=probe_batch["labels"])}
+    probe = None                                               # fixed batch for --measure_emergence
+    if args.measure_emergence:
+        first = collate(data["validation"][:64], pad)
+        probe = {"input_ids": first["input_ids"], "attention_mask": first["attention_mask"],
+                 "decoder_input_ids": accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(
+                     labels=first["labels"])}
 
     state = checkpoints.load(resume_path) if resume_path else common.TrainState()
     if resume_path:

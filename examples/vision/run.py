@@ -458,8 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     scheduler = common.make_scheduler(optimizer, args, max_steps, accelerator.num_processes)
     model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
     max_steps, num_epochs = common.training_length(args, len(train_dl))
-    probe = next(iter(DataLoader(range(min(256, len(val))), batch_size=256,
-                                 collate_fn=Batcher(val, mean, std, augment=False, seed=args.seed))))
+    probe = (Batcher(val, mean, std, augment=False, seed=args.seed)(list(range(min(256, len(val)))))
+             if args.measure_emergence else None)                   # fixed batch for --measure_emergence
 
     state = checkpoints.load(resume_path) if resume_path else common.TrainState()
     if resume_path:
