@@ -407,7 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     pad = tokenizer.pad_token_id
     train_sampler = common.EpochBatchSampler(len(data["train"]), args.per_device_train_batch_size, args.seed,
-                                             lengths=[len(f["input_ids"]) + len(f["labels"]) for f in data["train"]])
+                                             lengths=[len(f["input_ids"]) + len(f["labels"]) for f in data["train"]],
+                                             num_processes=accelerator.num_processes)
     train_dl = DataLoader(data["train"], batch_sampler=train_sampler, collate_fn=lambda b: collate(b, pad))
     eval_dls = {s: DataLoader(sorted(d, key=lambda f: len(f["input_ids"])), batch_size=args.per_device_eval_batch_size,
                               collate_fn=lambda b: collate(b, pad)) for s, d in data.items() if s != "train"}
