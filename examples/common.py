@@ -223,6 +223,7 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator
     has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
         torch.backends.mps.is_available()
     accelerator = Accelerator(cpu=not has_device, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=getattr(args, "mixed_precision", None),   # None: accelerate launch's
                               log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
