@@ -357,7 +357,10 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, plan: Optional[Em
                     for (decay, scale), ps in sorted(groups.items())]
     if args.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=args.learning_rate, momentum=args.momentum)
-    return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
+    # the fused kernel (one pass over each tensor) is several times faster than the default per-op AdamW on CPU and
+    # GPU; same update rule (docs/results/throughput_translation)
+    fused = not torch.backends.mps.is_available()
+    return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=fused)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, max_train_steps: int,

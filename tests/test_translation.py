@@ -334,7 +334,7 @@ def test_two_processes_score_every_sentence_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "translation: 2 process(es) on cpu" in proc.stderr
     records = _metrics(out)
-    assert [(r["step"], r["epoch"]) for r in records] == [(7, 1), (9, 1)]     # epoch end (7 batches each), final
+    assert [(r["step"], r.get("epoch")) for r in records] == [(7, 1), (9, None)]   # epoch end (7 batches each), final
     final = records[-1]
     for split in ("validation", "test"):
         assert final[f"{split}_sentences"] == n
@@ -419,6 +419,8 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
                                         ["--average_last_checkpoints 3 needs --checkpointing_steps"]),
         "average_beyond_the_kept": (["--average_last_checkpoints", "3", "--checkpointing_steps", "5", *out],
                                     ["needs --checkpoints_total_limit >= 3, got 2"]),
+        "zero_minutes": (["--stop_after_minutes", "0", *out], ["--stop_after_minutes must be a positive number, got 0"]),
+        "zero_validation_beams": (["--validation_num_beams", "0", *out], ["--validation_num_beams must be >= 1, got 0"]),
     }
 
 
@@ -428,7 +430,8 @@ BAD_INPUTS = ["missing_prefix", "missing_validation_file", "line_count_mismatch"
               "not_a_checkpoint", "negative_alpha", "nan_alpha", "lr_control_bad_alpha", "baseline_conflict",
               "zero_learning_rate", "zero_beams", "push_without_id", "missing_tokenizer_folder", "tokens_and_sentences",
               "negative_tokens", "dropout_above_one", "label_smoothing_two", "nan_length_penalty",
-              "negative_train_samples", "zero_source_length", "average_without_checkpoints", "average_beyond_the_kept"]
+              "negative_train_samples", "zero_source_length", "average_without_checkpoints", "average_beyond_the_kept",
+              "zero_minutes", "zero_validation_beams"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

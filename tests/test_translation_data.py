@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,32 @@ def test_both_bleu_numbers_equal_sacrebleus_own():
     assert "input:moses-en" in scores["tokenized_signature"] and "tok:13a" in scores["signature"]
     pre = metric.compute(predictions=tok(hyps), references=tok(refs), tokenized_bleu_lang="en", pretokenized=True)
     assert pre["tokenized_bleu"] == pytest.approx(expected, abs=1e-12) and "input:pretokenized" in pre["tokenized_signature"]
+
+
+# ------------------------------------------------------------------------------------------- GPU script
+@pytest.mark.slow
+def test_gpu_script_runs_end_to_end_on_cpu_with_a_tiny_budget(tmp_path):
+    """benchmarks/gpu_multi30k.sh on the built-in sample laid out as Multi30k, a tiny model and a few seconds of
+    training: the stop-after-minutes budget, epoch checkpoints, averaging, beam search and the summary JSON."""
+    data = tmp_path / "multi30k"
+    data.mkdir()
+    sample = ROOT / "examples/translation/data/multi30k_sample"
+    for ours, theirs in (("train", "train"), ("validation", "val"), ("test", "test_2016_flickr")):
+        for lang in ("de", "en"):
+            (data / f"{theirs}.{lang}.gz").write_bytes((sample / f"{ours}.{lang}.gz").read_bytes())
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "EXTRA_ARGS": "--model_preset tiny --max_train_samples 300 --max_eval_samples 20 --max_tokens_per_batch 400 "
+                         "--num_beams 2 --num_threads 1 --cache_dir " + str(tmp_path / "cache")}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_multi30k.sh"), str(data), "0.05"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "gpu_multi30k.json").read_text())
+    assert summary["exit_code"] == 0 and summary["device"] == "cpu" and summary["mixed_precision"] == "no"
+    final = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["test_bleu"] == final["test_bleu"] and summary["test_tok_bleu"] == final["test_tok_bleu"]
+    assert 1 <= len(summary["averaged_checkpoints"]) <= 5 and summary["steps"] == final["step"]
+    assert (out / "test_predictions.txt").read_text().count("\n") == 20
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_multi30k.sh"), str(tmp_path / "nowhere")],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "nowhere/train.{de,en}.gz not found" in bad.stderr

@@ -87,6 +87,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--label_smoothing", type=float)
     g.add_argument("--num_beams", type=int)
     g.add_argument("--length_penalty", type=float, help="beam score / length**penalty (fairseq's --lenpen)")
+    g.add_argument("--validation_num_beams", type=int, default=1,
+                   help="beam size of the evaluations during training (greedy: cheap); the final one uses --num_beams")
     g.add_argument("--average_last_checkpoints", type=int, default=1,
                    help="evaluate and save the average of the last N checkpoints (needs --checkpointing_steps)")
     g.add_argument("--stop_after_minutes", type=float, default=None,
@@ -120,7 +122,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--source_lang and --target_lang are both {args.source_lang!r}")
     if sum(x is not None for x in (args.dataset_name, args.train_file)) > 1:
         raise UsageError("give either --dataset_name or --train_file, not both")
-    for name, low in (("num_beams", 1), ("max_source_length", 1), ("max_target_length", 2), ("vocab_size", 1),
+    for name, low in (("num_beams", 1), ("validation_num_beams", 1), ("max_source_length", 1), ("max_target_length", 2), ("vocab_size", 1),
                       ("average_last_checkpoints", 1), ("max_tokens_per_batch", 0)):
         if getattr(args, name) < low:
             raise UsageError(f"--{name} must be >= {low}, got {getattr(args, name)}")
@@ -283,7 +285,7 @@ def generation_length(input_ids: torch.Tensor, args: argparse.Namespace) -> int:
 
 @torch.no_grad()
 def evaluate(accelerator, model, dataloader, tokenizer, references: list[str], args: argparse.Namespace,
-             split: str) -> dict[str, Any]:
+             split: str, num_beams: int) -> dict[str, Any]:
     """Beam-search generation, corpus BLEU/chrF against the reference text, and teacher-forced loss.
 
     Generations are padded across processes and gathered with their dataset indices by gather_for_metrics,
@@ -300,7 +302,7 @@ def evaluate(accelerator, model, dataloader, tokenizer, references: list[str], a
         with accelerator.autocast():
             logits = forward_logits(accelerator, model, batch)
             out = generator.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     num_beams=args.num_beams, length_penalty=args.length_penalty,
+                                     num_beams=num_beams, length_penalty=args.length_penalty,
                                      max_length=generation_length(batch["input_ids"], args))
         token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100,
                                      reduction="none").view(labels.shape)
@@ -409,7 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
         if common.is_due(args.eval_steps, state, epoch_end):
-            result = evaluate(accelerator, model, eval_dls["validation"], tokenizer, references["validation"], args, "validation")
+            result = evaluate(accelerator, model, eval_dls["validation"], tokenizer, references["validation"], args,
+                              "validation", args.validation_num_beams)
             if args.measure_emergence:
                 result.update(common.emergence_report(accelerator, model, probe))
             state.last_eval = result
@@ -456,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         results["averaged_checkpoints"] = [p.name for p in folders]
         logger.info("evaluating the average of %d checkpoints: %s", len(folders), ", ".join(p.name for p in folders))
     for split, dl in eval_dls.items():
-        results.update(evaluate(accelerator, model, dl, tokenizer, references[split], args, split))
+        results.update(evaluate(accelerator, model, dl, tokenizer, references[split], args, split, args.num_beams))
     if accelerator.device.type == "cuda":
         results["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     log.log({**results, "final": True})
