@@ -79,6 +79,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from hf_emergence.atomic import atomic_write  # noqa: E402
 RESULT = "study_result.json"
 LOG = "study_log.txt"
 INVOCATIONS = "study_invocations.jsonl"
@@ -253,16 +255,6 @@ def read_result(run_dir: Path) -> Optional[dict[str, Any]]:
 def is_finished(run_dir: Path) -> bool:
     res = read_result(run_dir)
     return res is not None and res.get("status") in DONE
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_curve(path: Path) -> list[dict[str, Any]]:

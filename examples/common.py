@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -28,8 +28,9 @@ from accelerate import Accelerator
 from torch.utils.data import Sampler
 
 from hf_emergence import EmergenceInit, EmergencePlan
+from hf_emergence.emergence_init import SETTING_CHOICES, SETTING_NAMES
 from hf_emergence import config_overrides as _config_overrides
-from hf_emergence.base_init import BASE_INITS
+from hf_emergence.atomic import atomic_write
 from hf_emergence.card import model_card
 from hf_emergence.hub import HubError, push_folder
 
@@ -37,7 +38,6 @@ logger = logging.getLogger("hf_emergence.examples")
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 INIT_CHOICES = ("emergence", "xavier", "kaiming", "default")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
-_SETTINGS = tuple(f.name for f in fields(EmergenceInit))
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -95,13 +95,14 @@ def add_init_args(parser: argparse.ArgumentParser) -> None:
                    help="emergence: base init then alpha**k; xavier / kaiming: the same tensors re-drawn from that base "
                         "init with no scaling (the paper's baselines); default: the model's own init")
     g.add_argument("--alpha", type=float, default=None, help="scale base alpha (library default 1.1)")
-    g.add_argument("--base_init", default=None, choices=BASE_INITS, help="base init drawn before scaling (default: auto)")
-    g.add_argument("--scale_mode", default=None, choices=("weight", "variance"))
-    g.add_argument("--even_depth", default=None, choices=("skip0", "half", "floor"))
+    g.add_argument("--base_init", default=None, choices=SETTING_CHOICES["base_init"], help="base init drawn before scaling (default: auto)")
+    g.add_argument("--scale_mode", default=None, choices=SETTING_CHOICES["scale_mode"])
+    g.add_argument("--even_depth", default=None, choices=SETTING_CHOICES["even_depth"])
     g.add_argument("--pivot", type=int, default=None, help="layer index that gets k=0 (default: the middle)")
-    g.add_argument("--chain", default=None, choices=("stacks", "single"))
-    g.add_argument("--attention", default=None, choices=("vo", "none", "all"))
-    g.add_argument("--layer_unit", default=None, choices=("auto", "block", "matrix"))
+    g.add_argument("--chain", default=None, choices=SETTING_CHOICES["chain"],
+                   help="separate: encoder and decoder numbered each on its own; single: one chain, encoder first")
+    g.add_argument("--attention", default=None, choices=SETTING_CHOICES["attention"])
+    g.add_argument("--layer_unit", default=None, choices=SETTING_CHOICES["layer_unit"])
     g.add_argument("--exclude", nargs="*", default=None, help="regexes of parameter names to leave alone")
     g.add_argument("--per_layer_lr_from_plan", action="store_true",
                    help="control: give each planned tensor the learning rate the emergence plan implies, "
@@ -191,7 +192,7 @@ def emergence_settings(args: argparse.Namespace) -> Optional[EmergenceInit]:
     """The EmergenceInit for ``--init`` (None for ``default``); baselines re-draw the same tensors with alpha=1."""
     if args.init == "default":
         return None
-    given = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in SETTING_NAMES if getattr(args, k, None) is not None}
     if args.init in ("xavier", "kaiming"):
         default_base = "xavier_uniform" if args.init == "xavier" else "kaiming_normal"
         base = given.get("base_init")
@@ -208,7 +209,7 @@ def lr_plan(args: argparse.Namespace, model: nn.Module, example_inputs: Any = No
     """For ``--per_layer_lr_from_plan``: the plan an emergence run with these flags would apply (never applied)."""
     if not args.per_layer_lr_from_plan:
         return None
-    given = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in SETTING_NAMES if getattr(args, k, None) is not None}
     given.pop("base_init", None)
     try:  # --alpha etc. are only checked here when --init is a baseline or default
         return EmergenceInit(**given).plan(model, example_inputs=example_inputs)
@@ -443,11 +444,11 @@ class Checkpoints:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _atomic_write(tmp / "train_state.json", json.dumps(asdict(state), indent=1))
+            atomic_write(tmp / "train_state.json", json.dumps(asdict(state), indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _atomic_write(self.root / "latest", final.name)
+            atomic_write(self.root / "latest", final.name)
             self._prune(keep=final)
         acc.wait_for_everyone()
         return final
@@ -474,16 +475,6 @@ class Checkpoints:
     def load(self, path: Path) -> TrainState:
         self.accelerator.load_state(str(path))
         return TrainState(**json.loads((path / "train_state.json").read_text()))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_due(every: int | str | None, state: TrainState, epoch_end: bool) -> bool:
@@ -513,7 +504,7 @@ class MetricsLog:
                 records = [l for l in self.path.read_text().splitlines() if l]
                 kept = [l for l in records               # a resumed run writes its own final record
                         if json.loads(l).get("step", 0) <= resume_step and not json.loads(l).get("final")]
-            _atomic_write(self.path, "".join(l + "\n" for l in kept))
+            atomic_write(self.path, "".join(l + "\n" for l in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -584,7 +575,7 @@ def save_final(accelerator: Accelerator, model: nn.Module, args: argparse.Namesp
         if processing_class is not None:
             processing_class.save_pretrained(out)
         for name, text in (extra_files or {}).items():
-            _atomic_write(out / name, text)
+            atomic_write(out / name, text)
         config = getattr(unwrapped, "config", None)
         settings = getattr(config, "emergence_init", None) if config is not None else None
         training = {k: getattr(args, k) for k in ("init", "learning_rate", "optimizer", "per_device_train_batch_size",
@@ -592,8 +583,8 @@ def save_final(accelerator: Accelerator, model: nn.Module, args: argparse.Namesp
         card = model_card(title=title, model_class=type(unwrapped).__name__, settings=settings,
                           plan=getattr(unwrapped, "emergence_plan", None), task=task, datasets=datasets,
                           metrics=metrics, auto_class=auto_class, training=training, example=example, usage=usage)
-        _atomic_write(out / "README.md", card)
-        _atomic_write(out / "all_results.json", json.dumps(metrics or {}, indent=2))
+        atomic_write(out / "README.md", card)
+        atomic_write(out / "all_results.json", json.dumps(metrics or {}, indent=2))
         logger.info("saved model, card and results to %s", out)
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:

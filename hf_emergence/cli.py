@@ -36,20 +36,11 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from ._text import format_k, text_table
-from .base_init import BASE_INITS
 from .config_overrides import ConfigOverrideError, apply_config_overrides
-from .emergence_init import ATTENTION, CHAINS, METADATA_KEYS, EmergenceInit
-from .layout import LAYER_UNITS
-from .schedule import EVEN_DEPTH_VARIANTS, SCALE_MODES
+from .emergence_init import METADATA_KEYS, SETTING_CHOICES, SETTING_NAMES, EmergenceInit
 
 PROG = "hf-emergence"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HUB = 0, 1, 2, 4
-#: Choices of the EmergenceInit settings that have a fixed set of values (the others are typed by annotation).
-SETTING_CHOICES: dict[str, tuple[str, ...]] = {
-    "base_init": BASE_INITS, "scale_mode": SCALE_MODES, "even_depth": EVEN_DEPTH_VARIANTS, "chain": CHAINS,
-    "attention": ATTENTION, "layer_unit": ("auto",) + LAYER_UNITS,
-}
-SETTINGS = tuple(f.name for f in dataclasses.fields(EmergenceInit))
 #: Auto classes tried, in this order, to name the loader of a concrete class in the model card.
 CARD_AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForCausalLM", "AutoModelForImageClassification",
                      "AutoModelForSequenceClassification", "AutoModelForMaskedLM", "AutoModelForTokenClassification",
@@ -82,7 +73,7 @@ def _setting_help() -> dict[str, str]:
     current = None
     for line in doc.split("Args:", 1)[-1].splitlines():
         m = re.match(r"^\s{8}(\w+): (.*)$", line)
-        if m and m.group(1) in SETTINGS:
+        if m and m.group(1) in SETTING_NAMES:
             current = m.group(1)
             helps[current] = m.group(2).strip()
         elif current and line.strip():
@@ -296,8 +287,8 @@ def _quiet_transformers() -> None:
 # ------------------------------------------------------------------------------------- shared helpers
 def settings_from_args(args: argparse.Namespace, recorded: Optional[dict[str, Any]] = None) -> EmergenceInit:
     """The flags given on the command line over ``recorded`` settings (a saved config's) over the defaults."""
-    merged = {k: v for k, v in (recorded or {}).items() if k in SETTINGS}
-    merged.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k, None) is not None})
+    merged = {k: v for k, v in (recorded or {}).items() if k in SETTING_NAMES}
+    merged.update({k: getattr(args, k) for k in SETTING_NAMES if getattr(args, k, None) is not None})
     try:
         return EmergenceInit(**merged)
     except (TypeError, ValueError) as err:
@@ -305,7 +296,7 @@ def settings_from_args(args: argparse.Namespace, recorded: Optional[dict[str, An
 
 
 def _given_settings(args: argparse.Namespace) -> list[str]:
-    return [k for k in SETTINGS if getattr(args, k, None) is not None]
+    return [k for k in SETTING_NAMES if getattr(args, k, None) is not None]
 
 
 def load_config(args: argparse.Namespace) -> Any:
@@ -630,7 +621,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{args.model} already carries the emergence init (recorded in config.emergence_init"
               f"{', hf_emergence ' + str(meta['hf_emergence_version']) if 'hf_emergence_version' in meta else ''}); "
               "its settings:")
-        for k in SETTINGS:
+        for k in SETTING_NAMES:
             print(f"  {k} = {recorded.get(k)!r}")
     text = str(plan).splitlines()
     head, tail = text[0], text[2 + len(rows):]

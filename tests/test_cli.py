@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSeq2SeqLM
 
 from hf_emergence import EmergenceInit, EmergencePlan, activation_profile, emergence, from_config
-from hf_emergence.cli import SETTINGS, build_parser, main, random_inputs
+from hf_emergence.cli import SETTING_NAMES, build_parser, main, random_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 MARIAN = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
@@ -272,8 +272,8 @@ def test_help_everywhere(capsys):
 
 def test_every_emergence_init_setting_is_a_flag():
     actions = {a.dest: a for p in build_parser()._subparsers._group_actions[0].choices.values() for a in p._actions}
-    assert set(SETTINGS) == {f.name for f in dataclasses.fields(EmergenceInit)}
-    for name in SETTINGS:
+    assert set(SETTING_NAMES) == {f.name for f in dataclasses.fields(EmergenceInit)}
+    for name in SETTING_NAMES:
         assert name in actions and f"--{name}" in actions[name].option_strings and actions[name].default is None
         assert actions[name].help.split("(default:")[0].strip(), f"--{name} has no help (EmergenceInit docstring Args:)"
 
