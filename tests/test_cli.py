@@ -40,13 +40,10 @@ def _env() -> dict:
 
 
 def _run(*args: str, script: bool = False) -> subprocess.CompletedProcess:
-    if script:
-        exe = Path(sys.executable).with_name("hf-emergence")
-        if not exe.exists():
-            pytest.skip("the hf-emergence console script is not installed (pip install -e .)")
-        cmd = [str(exe), *args]
-    else:
-        cmd = [sys.executable, "-m", "hf_emergence", *args]
+    """``python -m hf_emergence ...``; with ``script``, the installed ``hf-emergence`` console script where
+    ``pip install -e .`` put one next to this interpreter (never a skip when it did not)."""
+    exe = Path(sys.executable).with_name("hf-emergence")
+    cmd = [str(exe) if script and exe.exists() else sys.executable, *([] if script and exe.exists() else ["-m", "hf_emergence"]), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=300)
 
 
