@@ -735,14 +735,21 @@ def forest_plots(agg: dict[str, Any], out: Path) -> list[str]:
             ax.set_yticklabels([f"{r['cell'][arm_axis]} (n={r['n']})" for r in sel], fontsize=8)
             ax.set_xlabel(f"Δ {s} vs {sel[0].get('baseline', 'baseline')}")
             ax.grid(axis="x", alpha=0.3)
-        title = ", ".join(f"{a}={v}" for a, v in zip(others, panel)) or "all runs"
-        fig.suptitle(f"{title}: paired difference vs baseline, 95% CI")
-        fig.tight_layout()
-        name = "forest_" + ("_".join(panel) or "all") + ".png"
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(name)
+        written.append(save_panel(fig, out, "forest", others, panel, "paired difference vs baseline, 95% CI"))
     return written
+
+
+def save_panel(fig: Any, out: Path, prefix: str, axes: Sequence[str], panel: Sequence[str], what: str) -> str:
+    """Title a figure by its panel's axis values, save it as ``<prefix>_<values>.png`` under ``out``, close it."""
+    import matplotlib.pyplot as plt
+
+    title = ", ".join(f"{a}={v}" for a, v in zip(axes, panel)) or "all runs"
+    fig.suptitle(f"{title}: {what}")
+    fig.tight_layout()
+    name = f"{prefix}_" + ("_".join(panel) or "all") + ".png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
 
 
 def unfinished(grid: Optional["Grid"], results: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
@@ -816,13 +823,7 @@ def plots(results: list[dict[str, Any]], agg: dict[str, Any], report: dict[str, 
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         axs[0][0].legend(fontsize=7)
-        title = ", ".join(f"{a}={v}" for a, v in zip(panel_axes, panel)) or "all runs"
-        fig.suptitle(f"{title}: mean ± std over {seed_axis or 'runs'}")
-        fig.tight_layout()
-        name = "curves_" + ("_".join(panel) or "all") + ".png"
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(name)
+        written.append(save_panel(fig, out, "curves", panel_axes, panel, f"mean ± std over {seed_axis or 'runs'}"))
 
     # E / E_max at initialisation against alpha (runs that logged emergence_normalised at step 0).
     pts = []
