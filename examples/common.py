@@ -738,7 +738,8 @@ class Checkpoints:
         saved_config = json.loads((path / MODEL_CONFIG).read_text()) if (path / MODEL_CONFIG).is_file() else None
         differ = config_differences(saved_config, self._model_config()) if saved_config is not None else []
         mismatch = None
-        if weights.is_file():
+        sharded = getattr(self.accelerator.state, "fsdp_plugin", None) or getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if weights.is_file() and not sharded:           # FSDP / ZeRO hold other shapes locally: load_state checks
             here = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             for key, shape in loading.safetensors_shapes(weights).items():
                 if key not in here:

@@ -50,7 +50,7 @@ def safetensors_problem(path: Union[str, Path]) -> Optional[str]:
             return f"{path.name} is truncated ({size} bytes, not even a safetensors header)"
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            return f"{path.name} is truncated or not a safetensors file ({size} bytes, its header claims {n})"
+            return f"{path.name} is truncated or not a safetensors file ({size} bytes, shorter than its {n}-byte header)"
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):

@@ -66,6 +66,10 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(paths["translation"] / "checkpoints" / "step_00000003", broken)
     (broken / "optimizer.bin").write_bytes((broken / "optimizer.bin").read_bytes()[:100])
     paths["broken_checkpoint"] = broken
+    broken_model = root / "broken_model"
+    shutil.copytree(paths["translation"], broken_model, ignore=shutil.ignore_patterns("checkpoints"))
+    (broken_model / "model.safetensors").write_bytes((broken_model / "model.safetensors").read_bytes()[:5000])
+    paths["broken_model"] = broken_model
     one_class = root / "one_class" / "cat"
     one_class.mkdir(parents=True)
     for i in range(4):
@@ -123,6 +127,9 @@ CASES = [
     ("translation_resume_corrupt_checkpoint", "translation",
      lambda p: [*TRANSLATION, *_fresh(p, "t1"), "--resume_from_checkpoint", str(p["broken_checkpoint"])],
      2, "broken_checkpoint: optimizer.bin has 100 bytes"),
+    ("translation_model_name_or_path_truncated", "translation",
+     lambda p: [*TRANSLATION, "--model_name_or_path", str(p["broken_model"]), *_fresh(p, "t2")],
+     2, "--model_name_or_path " + "{broken_model}: model.safetensors is truncated or not a safetensors file (5000 bytes, shorter than its "),
     # -- vision -------------------------------------------------------------------------------------------
     ("vision_output_dir_is_a_file", "vision", lambda p: [*VISION, "--output_dir", str(p["file"])],
      2, "a_file.txt is a file, not a folder"),
@@ -140,6 +147,10 @@ CASES = [
      lambda p: [*VISION, "--width", "16", "--image_cache_dir", str(p["cache"]), "--output_dir", str(p["vision"]),
                 "--resume_from_checkpoint", "latest"],
      2, "settings that differ (checkpoint -> this run): width 8 -> 16"),
+    ("vision_model_name_or_path_truncated", "vision",
+     lambda p: [*VISION, "--model_name_or_path", str(p["truncated_vit"]), "--image_cache_dir", str(p["cache"]),
+                *_fresh(p, "v3")],
+     2, "--model_name_or_path " + "{truncated_vit}: model.safetensors is truncated"),
     ("vision_argparse_type", "vision", lambda p: [*VISION, "--num_train_epochs", "three"],
      2, "argument --num_train_epochs: invalid float value: 'three'"),
     # -- hf-emergence ---------------------------------------------------------------------------------------
@@ -168,6 +179,7 @@ def test_bad_input_gives_its_exit_code_and_one_line(name, command, argv, code, m
         _reset_accelerate()
     err = capsys.readouterr().err
     lines = _error_lines(err)
+    message = message.format(**saved)
     assert got == code, err[-2000:]
     assert len(lines) == 1 and message in lines[0], (message, err[-2000:])
     assert "Traceback" not in err
