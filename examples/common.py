@@ -3,9 +3,10 @@
 Plain functions and two small classes, no framework: each script keeps the accelerate order visible
 in its ``main()`` (accelerator -> seed -> data -> model -> optimizer/scheduler -> prepare -> loop ->
 eval -> save). What lives here: the argument groups both scripts share (transformers' flag names plus
-every ``EmergenceInit`` setting), the init/baseline switch, the per-layer-LR control, an epoch-seeded
-(and optionally length-grouped) batch sampler, atomic checkpoints with exact resume, the metrics log,
-the non-finite-loss guard, offline metrics, and saving/pushing the final model with its card.
+every ``EmergenceInit`` setting) with their range checks and one-line errors, the init/baseline switch, the
+per-layer-LR control, an epoch-seeded (and optionally length-grouped) batch sampler, data loaders that leave the
+global RNG alone, atomic and verified checkpoints with exact resume, clean stops on SIGTERM / SIGINT, the metrics
+log, the non-finite-loss guard, offline metrics, and saving/pushing the final model with its card.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ FORCE_AFTER_S = 2.0
 def _request_stop(signum: int, frame: Any) -> None:  # noqa: ARG001
     if _stop_request["signum"] is None:
         _stop_request.update(signum=signum, at=time.monotonic())
-        logger.warning("%s: stopping after this step, with a checkpoint (send it again to stop at once)",
-                       signal.Signals(signum).name)
+        os.write(2, f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (send it again "
+                    f"more than {FORCE_AFTER_S:g} s later to stop at once)\n".encode())   # no buffered I/O in a handler
     elif time.monotonic() - _stop_request["at"] > FORCE_AFTER_S:
         raise KeyboardInterrupt
 
@@ -105,7 +106,8 @@ def _request_stop(signum: int, frame: Any) -> None:  # noqa: ARG001
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """While training, SIGTERM and SIGINT ask for a clean stop (see :func:`stop_if_asked`) instead of killing the
-    process. ``accelerate launch`` passes both on to its workers; a second signal a moment later stops at once."""
+    process. ``accelerate launch`` passes both on to its workers (so a worker may see the same Ctrl-C twice);
+    a second signal more than ``FORCE_AFTER_S`` seconds after the first stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
