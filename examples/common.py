@@ -426,7 +426,7 @@ def data_loader(dataset: Any, **kwargs: Any) -> DataLoader:
     dropout mask would be shifted by one draw; with its own generator, iterating never touches the global RNG.
     (accelerate's ``prepare`` and ``skip_first_batches`` keep the loader's generator.)
     """
-    return DataLoader(dataset, generator=torch.Generator(), **kwargs)
+    return DataLoader(dataset, generator=torch.Generator(device=torch.get_default_device()), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- optimisation
