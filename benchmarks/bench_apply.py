@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(ROOT))
     import hf_emergence
     from hf_emergence import EmergenceInit
+    from hf_emergence.atomic import atomic_write
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -207,16 +208,10 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write(out.with_suffix(".json"), json.dumps(result, indent=2))
-    _write(out.with_suffix(".md"), markdown(result))
+    atomic_write(out.with_suffix(".json"), json.dumps(result, indent=2))
+    atomic_write(out.with_suffix(".md"), markdown(result))
     print(markdown(result))
     return result
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown(res: dict) -> str:

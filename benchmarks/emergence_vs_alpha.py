@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hf_emergence import EmergenceInit, activation_profile, emergence, suggest_alpha  # noqa: E402
+from hf_emergence.atomic import atomic_write  # noqa: E402
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -440,10 +441,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps({**result, "summary": {m: {str(a): s for a, s in v.items()} for m, v in result["summary"].items()}},
                       indent=1)
-    (out / "results.json.partial").write_text(text)
-    os.replace(out / "results.json.partial", out / "results.json")
+    atomic_write(out / "results.json", text)
     plots(result, out)
-    (out / "README.md").write_text(markdown(result))
+    atomic_write(out / "README.md", markdown(result))
     print(f"wrote {out}/results.json, README.md, E_vs_alpha.png, active_fraction.png, mean_abs.png ({result['wall_s']:.0f} s)")
     return result
 

@@ -9,14 +9,14 @@ __version__ = "0.1.0"
 
 from .architectures import discover, get_architecture, list_architectures, register_architecture, unregister_architecture
 from .emergence_init import AlreadyAppliedError, EmergenceInit, already_applied
-from .layout import Block, Layout, Member, Stack
+from .layout import Block, Chain, Layout, Member
 from .measure import ActivationProfile, EmergenceScore, activation_profile, emergence, suggest_alpha
 from .modeling import EmergenceInitMixin, from_config, resolve_model_class
 from .plan import EmergencePlan, PlanEntry
 from .schedule import exponents, scale_factor
 
 __all__ = [
-    "ActivationProfile", "AlreadyAppliedError", "Block", "EmergenceScore", "activation_profile", "emergence", "suggest_alpha", "EmergenceInit", "EmergenceInitMixin", "EmergencePlan", "Layout", "Member",
-    "PlanEntry", "Stack", "already_applied", "discover", "exponents", "from_config", "get_architecture",
+    "ActivationProfile", "AlreadyAppliedError", "Block", "Chain", "EmergenceScore", "activation_profile", "emergence", "suggest_alpha", "EmergenceInit", "EmergenceInitMixin", "EmergencePlan", "Layout", "Member",
+    "PlanEntry", "already_applied", "discover", "exponents", "from_config", "get_architecture",
     "list_architectures", "register_architecture", "resolve_model_class", "scale_factor", "unregister_architecture",
 ]

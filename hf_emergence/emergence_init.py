@@ -11,7 +11,6 @@ k = -n..n, and layer k's weight is multiplied by alpha**k: early layers shrink, 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import numbers
 import re
@@ -29,8 +28,15 @@ from .plan import EmergencePlan, build_plan
 from .schedule import EVEN_DEPTH_VARIANTS, SCALE_MODES
 from .tracing import ExampleInputs
 
-CHAINS = ("stacks", "single")
+CHAINS = ("separate", "single")
+#: Setting values written by earlier versions, read as their current names (config.json files on disk).
+LEGACY_VALUES = {"chain": {"stacks": "separate"}}
 ATTENTION = tuple(UNSCALED_ROLES)
+#: The settings that take one of a fixed set of values, and those values (the CLI and the examples' flags use them).
+SETTING_CHOICES: dict[str, tuple[str, ...]] = {
+    "base_init": BASE_INITS, "scale_mode": SCALE_MODES, "even_depth": EVEN_DEPTH_VARIANTS, "chain": CHAINS,
+    "attention": ATTENTION, "layer_unit": ("auto",) + LAYER_UNITS,
+}
 #: Keys written to ``config.emergence_init`` next to the settings.
 METADATA_KEYS = ("applied", "hf_emergence_version")
 
@@ -54,7 +60,8 @@ class EmergenceInit:
         even_depth: exponents for an even number of layers: "skip0" (-n..-1, +1..+n), "half"
             (+-0.5, +-1.5, ...) or "floor" (-n..n-1, pivot floor(L/2)).
         pivot: index of the layer that gets k=0 (k_l = l - pivot), per chain; ``None`` = the middle.
-        chain: "stacks" numbers encoder and decoder separately; "single" as one chain, encoder first.
+        chain: "separate" numbers each chain the model has (encoder, decoder) on its own; "single"
+            joins them into one chain, encoder first.
         attention: which attention matrices are scaled: "vo" (V and output projections; Q/K keep
             their scale, since scaling them changes the softmax temperature), "none" (feed-forward
             only), "all".
@@ -68,10 +75,17 @@ class EmergenceInit:
     scale_mode: str = "weight"
     even_depth: str = "skip0"
     pivot: Optional[int] = None
-    chain: str = "stacks"
+    chain: str = "separate"
     attention: str = "vo"
     layer_unit: str = "auto"
     exclude: list[str] = field(default_factory=list)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "EmergenceInit":
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:  # the dataclass __init__ would only say "unexpected keyword argument"
+            raise TypeError(f"EmergenceInit got unknown option(s) {', '.join(map(repr, unknown))}; "
+                            f"valid options: {', '.join(f.name for f in fields(cls))}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
@@ -81,8 +95,7 @@ class EmergenceInit:
             raise ValueError(f"alpha={self.alpha!r} is invalid: expected a finite number > 0 (typically 1.01 to 2)")
         if self.alpha < 1:
             warn(f"alpha={self.alpha} < 1 reverses the schedule: early layers grow and late layers shrink")
-        for name, allowed in (("base_init", BASE_INITS), ("scale_mode", SCALE_MODES), ("even_depth", EVEN_DEPTH_VARIANTS),
-                              ("chain", CHAINS), ("attention", ATTENTION), ("layer_unit", ("auto",) + LAYER_UNITS)):
+        for name, allowed in SETTING_CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
@@ -106,7 +119,8 @@ class EmergenceInit:
     def from_dict(cls, d: dict[str, Any]) -> "EmergenceInit":
         """Rebuild from ``to_dict()`` output or a saved ``config.emergence_init``.
 
-        Metadata keys are ignored; unknown keys (written by a newer version) are dropped with a warning.
+        Metadata keys are ignored; unknown keys (written by a newer version) are dropped with a warning;
+        values renamed since (``chain="stacks"``) are read under their current name.
         """
         if not isinstance(d, dict):
             raise TypeError(f"emergence_init settings must be a dict, got {type(d).__name__}")
@@ -114,7 +128,8 @@ class EmergenceInit:
         unknown = sorted(set(d) - names - set(METADATA_KEYS))
         if unknown:
             warn(f"ignoring unknown emergence_init setting(s) {', '.join(unknown)} (written by a newer hf_emergence?)")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        settings = {k: LEGACY_VALUES.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in d.items() if k in names}
+        return cls(**settings)
 
     # ---- planning and applying --------------------------------------------------------------------
     def plan(self, model: nn.Module, example_inputs: Optional[ExampleInputs] = None) -> EmergencePlan:
@@ -179,19 +194,8 @@ class EmergenceInit:
         return plan
 
 
-_DC_INIT = EmergenceInit.__init__
-
-
-@functools.wraps(_DC_INIT)
-def _checked_init(self: EmergenceInit, *args: Any, **kwargs: Any) -> None:
-    unknown = sorted(set(kwargs) - {f.name for f in fields(EmergenceInit)})
-    if unknown:
-        raise TypeError(f"EmergenceInit got unknown option(s) {', '.join(map(repr, unknown))}; "
-                        f"valid options: {', '.join(f.name for f in fields(EmergenceInit))}")
-    _DC_INIT(self, *args, **kwargs)
-
-
-EmergenceInit.__init__ = _checked_init  # type: ignore[method-assign]
+#: The setting names, in declaration order (the fields of :class:`EmergenceInit`).
+SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(EmergenceInit))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

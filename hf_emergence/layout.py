@@ -1,4 +1,4 @@
-"""What layer discovery returns: the weight tensors of a model grouped into ordered stacks of blocks.
+"""What layer discovery returns: the weight tensors of a model grouped into ordered chains of blocks.
 
 A :class:`Layout` is pure structure (names, roles, fans), never tensor data, so it can be built for
 a model on the meta device. The planner turns it into exponents:
@@ -70,8 +70,8 @@ class Block:
 
 
 @dataclass
-class Stack:
-    """An independently indexed chain of blocks (an encoder, a decoder, or the whole model)."""
+class Chain:
+    """An independently numbered sequence of blocks (an encoder, a decoder, or the whole model)."""
 
     name: str
     blocks: list[Block] = field(default_factory=list)
@@ -79,20 +79,20 @@ class Stack:
 
 @dataclass
 class Layout:
-    """Discovery result: stacks in forward order plus the architecture's defaults.
+    """Discovery result: chains in forward order plus the architecture's defaults.
 
     ``source`` says how the layout was found ("registry:marian", "traced", "registration-order"),
     so a plan can tell the user what it relied on.
     """
 
-    stacks: list[Stack]
+    chains: list[Chain]
     layer_unit: str
     base_init: str
     source: str
     notes: list[str] = field(default_factory=list)
 
     def members(self) -> list[Member]:
-        return [m for s in self.stacks for b in s.blocks for m in b.members]
+        return [m for c in self.chains for b in c.blocks for m in b.members]
 
 
 def role_from_name(relative_name: str, is_conv: bool = False) -> str:

@@ -14,14 +14,13 @@ those of ``AutoModel*.from_config``.
 from __future__ import annotations
 
 import copy
-from dataclasses import fields
 from typing import Any, Optional, Union
 
 from ._warnings import warn
 import torch
 import torch.nn as nn
 
-from .emergence_init import EmergenceInit
+from .emergence_init import SETTING_NAMES, EmergenceInit
 
 
 def _build_device() -> torch.device:
@@ -36,7 +35,6 @@ def _build_device() -> torch.device:
     return get_torch_context_manager_or_global_device()
 
 
-_SETTING_NAMES = frozenset(f.name for f in fields(EmergenceInit))
 _MIXED_CLASSES: dict[type, type] = {}
 
 
@@ -77,7 +75,7 @@ def from_config(model_class: type, config: Any, init: Optional[Union[EmergenceIn
     Returns:
         an instance of the stock class; ``model.emergence_plan`` holds the plan that was applied.
     """
-    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _SETTING_NAMES}
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTING_NAMES}
     if init is not None and settings:
         raise TypeError(f"pass either init= or setting keywords ({', '.join(settings)}), not both")
     if isinstance(init, dict):

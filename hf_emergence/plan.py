@@ -170,28 +170,34 @@ class EmergencePlan:
             by_chain.setdefault(row["chain"], []).append(row["k"])
         return min((middle_shrink(alpha, ks, mode) for ks in by_chain.values()), default=1.0)
 
-    def __str__(self) -> str:
+    def heading(self) -> str:
+        """The first line of the printed plan: the model, the settings and where the layers came from."""
         s = self.settings
-        head = (f"EmergencePlan for {self.model}: alpha={s['alpha']} scale_mode={s.get('scale_mode')} "
+        return (f"EmergencePlan for {self.model}: alpha={s['alpha']} scale_mode={s.get('scale_mode')} "
                 f"base_init={self.base_init} layer_unit={self.layer_unit} chain={s.get('chain')} "
                 f"attention={s.get('attention')} (layers from {self.source})")
+
+    def summary(self) -> list[str]:
+        """The lines printed under the layer table: what is scaled, the smallest activation scale, the notes."""
+        scaled = [e for e in self.entries if e.scaled]
+        kept = [e for e in self.entries if e.layer is None]
+        tail = (f"{len(scaled)} tensors ({sum(e.numel for e in scaled):,} params) scaled across {len(self.layers())} "
+                f"layers in {len(self.chains)} chain(s)")
+        if kept:
+            tail += f"; {len(kept)} tensors keep their scale ({', '.join(sorted({e.role for e in kept}))})"
+        return [tail, f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}",
+                *(f"note: {n}" for n in self.notes)]
+
+    def __str__(self) -> str:
         rows = self.layers()
         width = max([len(r["block"]) for r in rows] + [5])
         cw = max([len(r["chain"]) for r in rows] + [5])
-        lines = [head, f"{'chain':<{cw}} {'layer':>5}  {'block':<{width}} {'k':>6} {'factor':>9} {'tensors':>7} {'params':>11}"]
+        lines = [self.heading(),
+                 f"{'chain':<{cw}} {'layer':>5}  {'block':<{width}} {'k':>6} {'factor':>9} {'tensors':>7} {'params':>11}"]
         for r in rows:
             lines.append(f"{r['chain']:<{cw}} {r['layer']:>5}  {r['block']:<{width}} {format_k(r['k']):>6} {r['factor']:>9.4f} "
                          f"{r['tensors']:>7} {r['params']:>11,}")
-        scaled = [e for e in self.entries if e.scaled]
-        kept = [e for e in self.entries if e.layer is None]
-        tail = (f"{len(scaled)} tensors ({sum(e.numel for e in scaled):,} params) scaled across {len(rows)} layers "
-                f"in {len(self.chains)} chain(s)")
-        if kept:
-            tail += f"; {len(kept)} tensors keep their scale ({', '.join(sorted({e.role for e in kept}))})"
-        lines.append(tail)
-        lines.append(f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}")
-        lines.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(lines)
+        return "\n".join(lines + self.summary())
 
     def __repr__(self) -> str:
         return f"EmergencePlan(model={self.model!r}, entries={len(self.entries)}, chains={self.chains})"
@@ -210,13 +216,13 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
     layer_unit = layout.layer_unit if settings["layer_unit"] == "auto" else settings["layer_unit"]
     canonical = {alias: name for name, names in aliases.items() for alias in names}
 
-    # 1. units per stack: lists of (block name, [members]) that share one exponent.
-    stacks: list[tuple[str, list[tuple[str, list[Member]]]]] = []
+    # 1. layers per chain: lists of (block name, [members]) that share one exponent.
+    chains: list[tuple[str, list[tuple[str, list[Member]]]]] = []
     seen: set[str] = set()
     duplicates = 0
-    for stack in layout.stacks:
-        units: list[tuple[str, list[Member]]] = []
-        for block in stack.blocks:
+    for chain in layout.chains:
+        layers: list[tuple[str, list[Member]]] = []
+        for block in chain.blocks:
             members = []
             for m in block.members:
                 name = canonical.get(m.param, m.param)
@@ -230,36 +236,37 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
             if not members:
                 continue
             if layer_unit == "block":
-                units.append((block.name, members))
+                layers.append((block.name, members))
                 continue
             for m in members:  # matrix: each scaled tensor is a layer, shortcuts join the previous one
-                if m.role == SHORTCUT and units:
-                    units[-1][1].append(m)
+                if m.role == SHORTCUT and layers:
+                    layers[-1][1].append(m)
                 else:
-                    units.append((m.param.rsplit(".", 1)[0], [m]))
-        stacks.append((stack.name, units))
-    if settings["chain"] == "single" and len(stacks) > 1:
-        stacks = [("+".join(n for n, _ in stacks), [u for _, us in stacks for u in us])]
+                    layers.append((m.param.rsplit(".", 1)[0], [m]))
+        chains.append((chain.name, layers))
+    if settings["chain"] == "single" and len(chains) > 1:
+        chains = [("+".join(n for n, _ in chains), [layer for _, ls in chains for layer in ls])]
 
-    # 2. exponents per chain over the units that hold at least one scaled member.
+    # 2. exponents per chain over the layers that hold at least one scaled member.
     entries: list[PlanEntry] = []
-    chains: dict[str, int] = {}
+    counts: dict[str, int] = {}
     notes = list(layout.notes)
     if duplicates:
         notes.append(f"{duplicates} shared parameter occurrence(s) skipped: each Parameter is scaled once, at its first layer")
-    for chain_name, units in stacks:
-        scaled_units = [u for u in units if any(m.role not in unscaled_roles for m in u[1])]
-        chains[chain_name] = len(scaled_units)
-        ks = exponents(len(scaled_units), settings["even_depth"], settings["pivot"]) if scaled_units else []
-        k_of = {id(u): (i, k) for i, (u, k) in enumerate(zip(scaled_units, ks))}
-        for unit in units:
-            layer, k = k_of.get(id(unit), (None, None))
-            for m in unit[1]:
+    for chain_name, layers in chains:
+        scaled_layers = [layer for layer in layers if any(m.role not in unscaled_roles for m in layer[1])]
+        counts[chain_name] = len(scaled_layers)
+        ks = exponents(len(scaled_layers), settings["even_depth"], settings["pivot"]) if scaled_layers else []
+        k_of = {id(layer): (i, k) for i, (layer, k) in enumerate(zip(scaled_layers, ks))}
+        for layer in layers:
+            index, k = k_of.get(id(layer), (None, None))
+            block_name, members = layer
+            for m in members:
                 keep = m.role in unscaled_roles or k is None
                 factor = 1.0 if keep else scale_factor(settings["alpha"], k, settings["scale_mode"])
-                entries.append(PlanEntry(name=m.param, chain=chain_name, layer=None if keep else layer, block=unit[0],
+                entries.append(PlanEntry(name=m.param, chain=chain_name, layer=None if keep else index, block=block_name,
                                          role=m.role, k=None if keep else k, factor=factor, shape=shapes[m.param],
                                          fan_in=m.fan_in, fan_out=m.fan_out, aliases=aliases.get(m.param, ())))
     base_init = layout.base_init if settings["base_init"] == "auto" else settings["base_init"]
     return EmergencePlan(settings=dict(settings), base_init=base_init, layer_unit=layer_unit, source=layout.source,
-                         model=model_name, entries=entries, chains=chains, notes=notes)
+                         model=model_name, entries=entries, chains=counts, notes=notes)

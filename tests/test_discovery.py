@@ -9,7 +9,7 @@ import torch.nn as nn
 from hf_emergence import EmergenceInit, Layout, list_architectures, register_architecture, unregister_architecture
 from hf_emergence.architectures import discover
 from hf_emergence.architectures._helpers import is_weight_module
-from hf_emergence.layout import ATTN_K, ATTN_O, ATTN_Q, ATTN_QKV, ATTN_V, FFN, SHORTCUT, Block, Member, Stack, role_from_name
+from hf_emergence.layout import ATTN_K, ATTN_O, ATTN_Q, ATTN_QKV, ATTN_V, FFN, SHORTCUT, Block, Chain, Member, role_from_name
 from tiny_models import EXAMPLE_INPUTS, EXPECTED, FACTORIES, FALLBACK, REGISTERED
 
 
@@ -98,7 +98,7 @@ def test_register_architecture_decorator_duplicate_and_overwrite():
     def layout(model):
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         members = [Member(f"{n}.weight", FFN, m.in_features, m.out_features) for n, m in linears]
-        return Layout([Stack("model", [Block(m.param, [m]) for m in members])], "matrix", "keep", "registry:tiny_custom_type")
+        return Layout([Chain("model", [Block(m.param, [m]) for m in members])], "matrix", "keep", "registry:tiny_custom_type")
 
     try:
         assert "tiny_custom_type" in list_architectures()

@@ -211,6 +211,12 @@ def test_to_dict_from_dict_round_trip_and_unknown_keys():
         assert EmergenceInit.from_dict({"alpha": 1.3, "future_knob": 1}) == EmergenceInit(alpha=1.3)
 
 
+def test_settings_written_by_earlier_versions_still_load():
+    """config.json files on disk say chain="stacks" (renamed "separate"): they load and report the current name."""
+    saved = {"alpha": 1.2, "chain": "stacks", "applied": True, "hf_emergence_version": "0.1.0"}
+    assert EmergenceInit.from_dict(saved) == EmergenceInit(alpha=1.2, chain="separate")
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(alpha=0), ValueError, r"alpha=0.0 is invalid: expected a finite number > 0"),
     (dict(alpha=-1.2), ValueError, r"alpha=-1.2 is invalid"),
@@ -221,7 +227,7 @@ def test_to_dict_from_dict_round_trip_and_unknown_keys():
     (dict(base_init="he"), ValueError, r"base_init='he' is not one of: auto, keep, xavier_uniform"),
     (dict(scale_mode="std"), ValueError, r"scale_mode='std' is not one of: weight, variance"),
     (dict(even_depth="zero"), ValueError, r"even_depth='zero' is not one of: skip0, half, floor"),
-    (dict(chain="both"), ValueError, r"chain='both' is not one of: stacks, single"),
+    (dict(chain="both"), ValueError, r"chain='both' is not one of: separate, single"),
     (dict(attention="qk"), ValueError, r"attention='qk' is not one of: vo, none, all"),
     (dict(layer_unit="layer"), ValueError, r"layer_unit='layer' is not one of: auto, block, matrix"),
     (dict(pivot=1.5), TypeError, r"pivot must be an integer layer index or None, got 1.5"),

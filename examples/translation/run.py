@@ -45,6 +45,11 @@ logger = logging.getLogger("hf_emergence.examples.translation")
 MODEL_TYPES = ("marian", "bart", "mbart", "m2m_100", "pegasus", "t5", "mt5")
 SINUSOIDAL_POSITIONS = ("marian", "pegasus", "m2m_100")
 DEFAULT_PRESET = "small"
+RULES = {"num_beams": common.AT_LEAST_1, "validation_num_beams": common.AT_LEAST_1, "max_source_length": common.AT_LEAST_1,
+         "max_target_length": common.AT_LEAST_1, "vocab_size": common.AT_LEAST_1, "average_last_checkpoints": common.AT_LEAST_1,
+         "max_tokens_per_batch": common.AT_LEAST_0, "preprocessing_num_workers": common.AT_LEAST_1,
+         "dropout": common.FRACTION, "attention_dropout": common.FRACTION, "label_smoothing": common.FRACTION,
+         "stop_after_minutes": common.POSITIVE, "length_penalty": (math.isfinite, "a finite number")}
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -54,7 +59,7 @@ def _given(argv: Sequence[str], flag: str) -> bool:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
                    help="a Hub dataset (parquet/arrow, e.g. wmt/wmt14) or a local folder in the Hub layout")
@@ -122,20 +127,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--source_lang and --target_lang are both {args.source_lang!r}")
     if sum(x is not None for x in (args.dataset_name, args.train_file)) > 1:
         raise UsageError("give either --dataset_name or --train_file, not both")
-    for name, low in (("num_beams", 1), ("validation_num_beams", 1), ("max_source_length", 1), ("max_target_length", 2), ("vocab_size", 1),
-                      ("average_last_checkpoints", 1), ("max_tokens_per_batch", 0)):
-        if getattr(args, name) < low:
-            raise UsageError(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("dropout", "attention_dropout", "label_smoothing"):
-        if not 0 <= getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.stop_after_minutes is not None and not args.stop_after_minutes > 0:
-        raise UsageError(f"--stop_after_minutes must be a positive number, got {args.stop_after_minutes}")
-    if not math.isfinite(args.length_penalty):
-        raise UsageError(f"--length_penalty must be a finite number, got {args.length_penalty}")
+    common.check_ranges(args, RULES)
     if args.average_last_checkpoints > 1:
         if args.checkpointing_steps is None:
             raise UsageError(f"--average_last_checkpoints {args.average_last_checkpoints} needs --checkpointing_steps "
@@ -201,10 +193,7 @@ def build_model(args: argparse.Namespace, tokenizer):
     from hf_emergence import from_config
 
     if args.model_name_or_path:
-        try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {str(err).splitlines()[0]}") from None
+        model = common.load_pretrained(args.model_name_or_path, AutoModelForSeq2SeqLM)
         if model.config.vocab_size != len(tokenizer):
             raise UsageError(f"--model_name_or_path has vocab_size {model.config.vocab_size} but the tokenizer has {len(tokenizer)}")
     else:
@@ -263,14 +252,13 @@ def average_checkpoints(model, folders: list[Path]) -> None:
 
 
 def last_checkpoints(checkpoints: common.Checkpoints, state: common.TrainState, n: int) -> list[Path]:
-    """The newest ``n`` complete checkpoints, the final step included (saved now if it was not)."""
-    def complete() -> list[Path]:
-        return sorted(p for p in checkpoints.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                      and (p / "train_state.json").is_file())
+    """The newest ``n`` complete, verified checkpoints, the final step included (saved now if it was not)."""
+    def intact() -> list[Path]:
+        return [p for p in common.Checkpoints.complete_in(checkpoints.root) if common.checkpoint_problem(p) is None]
 
-    if not complete() or complete()[-1].name != f"step_{state.completed_steps:08d}":
+    if not intact() or intact()[-1].name != checkpoints.name(state):
         checkpoints.save(state)
-    return complete()[-n:]
+    return intact()[-n:]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -332,7 +320,8 @@ def evaluate(accelerator, model, dataloader, tokenizer, references: list[str], a
 def eval_loader(ds, args: argparse.Namespace, pad: int) -> DataLoader:
     """Sentences sorted by source length (little padding, tight generation bounds); ``index`` restores the order."""
     order = torch.argsort(torch.tensor(list(ds["length"])), stable=True).tolist()
-    return DataLoader(ds.select(order), batch_size=args.per_device_eval_batch_size, collate_fn=lambda b: collate(b, pad))
+    return common.data_loader(ds.select(order), batch_size=args.per_device_eval_batch_size,
+                              collate_fn=lambda b: collate(b, pad))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -341,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     accelerator = common.make_accelerator(args, "translation")
     if args.no_progress_bar:
         data.datasets.disable_progress_bars()
-    checkpoints = common.Checkpoints(accelerator, args.output_dir, args.checkpoints_total_limit)
+    checkpoints = common.Checkpoints(accelerator, args.output_dir, args.checkpoints_total_limit, args.overwrite_output_dir)
     resume_path = checkpoints.resolve(args.resume_from_checkpoint)
     set_seed(args.seed)
 
@@ -376,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     train_sampler = common.EpochBatchSampler(len(train_ds), args.per_device_train_batch_size, args.seed, lengths=lengths,
                                              max_tokens=args.max_tokens_per_batch or None,
                                              num_processes=accelerator.num_processes)
-    train_dl = DataLoader(train_ds, batch_sampler=train_sampler, collate_fn=lambda b: collate(b, pad))
+    train_dl = common.data_loader(train_ds, batch_sampler=train_sampler, collate_fn=lambda b: collate(b, pad))
     eval_dls = {s: eval_loader(ds, args, pad) for s, ds in encoded.items() if s != "train"}
     max_steps, _ = common.training_length(args, len(train_sampler) // accelerator.num_processes)
     scheduler = common.make_scheduler(optimizer, args, max_steps, accelerator.num_processes)
@@ -391,10 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         probe = {"input_ids": first["input_ids"], "attention_mask": first["attention_mask"],
                  "decoder_input_ids": decoder_inputs(first["labels"], config.decoder_start_token_id, config.pad_token_id)}
 
-    state = checkpoints.load(resume_path) if resume_path else common.TrainState()
-    if resume_path:
-        logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.completed_steps, state.epoch)
-    log = common.MetricsLog(accelerator, args.output_dir, args.with_tracking, state.completed_steps if resume_path else None)
+    state, log = common.start_run(accelerator, args, checkpoints, resume_path)
     if args.measure_emergence and not resume_path:
         log.log({"step": 0, "epoch": 0, **common.emergence_report(accelerator, model, probe)})
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
@@ -441,6 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "target_tokens")
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
+            common.stop_if_asked(accelerator, state, checkpoints)
             timer.restart()
             if state.completed_steps >= max_steps or past_deadline():
                 break

@@ -30,7 +30,7 @@ def iter_weight_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str
 
 
 def find_blocks(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
-    """Modules whose full name matches ``pattern`` (``re.fullmatch``), in registration (= stack) order."""
+    """Modules whose full name matches ``pattern`` (``re.fullmatch``), in registration (= chain) order."""
     rx = re.compile(pattern)
     return [(n, m) for n, m in model.named_modules() if n and rx.fullmatch(n)]
 

@@ -9,9 +9,9 @@
 3. Shape of the chain:
 
    * Transformer-like (``nn.ModuleList``s of repeated blocks that contain attention): each list is a
-     stack and each block one layer (``layer_unit="block"``), base init Xavier-uniform; weights
+     chain and each block one layer (``layer_unit="block"``), base init Xavier-uniform; weights
      outside the blocks (embeddings, pooler, heads) are left alone, as for registered Transformers.
-   * Otherwise (MLPs, ConvNets): one stack of every weight in forward order, each its own layer
+   * Otherwise (MLPs, ConvNets): one chain of every weight in forward order, each its own layer
      (``layer_unit="matrix"``), base init Kaiming-normal.
 """
 
@@ -23,7 +23,7 @@ from typing import Optional
 from .._warnings import warn
 import torch.nn as nn
 
-from ..layout import ATTN_O, ATTN_QKV, ATTN_Q, ATTN_K, ATTN_V, Block, Layout, Member, Stack, logical_shape, member_for
+from ..layout import ATTN_O, ATTN_QKV, ATTN_Q, ATTN_K, ATTN_V, Block, Chain, Layout, Member, logical_shape, member_for
 from ..tracing import ExampleInputs, first_call_order
 from ._helpers import is_weight_module
 
@@ -82,7 +82,7 @@ def _repeated_block_lists(model: nn.Module, members_by_owner: dict[str, list[Mem
     return [(n, m) for n, m in found if not any(o != n and o.startswith(n + ".") for o in names)]
 
 
-def _stack_name(path: str, taken: set[str]) -> str:
+def _chain_name(path: str, taken: set[str]) -> str:
     parts = path.split(".")
     name = "decoder" if "decoder" in parts else "encoder" if "encoder" in parts else path or "model"
     return name if name not in taken else path
@@ -114,7 +114,7 @@ def generic_layout(model: nn.Module, example_inputs: Optional[ExampleInputs] = N
         members_by_owner.setdefault(owner, []).append(m)
     block_lists = _repeated_block_lists(model, members_by_owner)
     if block_lists:
-        stacks, taken = [], set()
+        chains, taken = [], set()
         for path, mlist in block_lists:
             blocks = []
             for i in range(len(mlist)):
@@ -122,21 +122,21 @@ def generic_layout(model: nn.Module, example_inputs: Optional[ExampleInputs] = N
                 members = [m for _, _, owner, m in ranked if (owner + ".").startswith(prefix)]
                 if members:
                     blocks.append(Block(prefix[:-1], members))
-            name = _stack_name(path, taken)
+            name = _chain_name(path, taken)
             taken.add(name)
-            stacks.append((min(_rank_of(blocks, ranked)), Stack(name, blocks)))
-        inside = {m.param for _, st in stacks for b in st.blocks for m in b.members}
+            chains.append((min(_rank_of(blocks, ranked)), Chain(name, blocks)))
+        inside = {m.param for _, ch in chains for b in ch.blocks for m in b.members}
         outside = [m.param for _, _, _, m in ranked if m.param not in inside]
         if outside:
             notes.append(f"{len(outside)} weight(s) outside the repeated blocks (embeddings, heads) are left alone")
-        return Layout(stacks=[s for _, s in sorted(stacks, key=lambda t: t[0])], layer_unit="block",
+        return Layout(chains=[c for _, c in sorted(chains, key=lambda t: t[0])], layer_unit="block",
                       base_init="xavier_uniform", source=source, notes=notes)
     blocks = [Block(m.param.rsplit(".", 1)[0], [m]) for _, _, _, m in ranked]
-    return Layout(stacks=[Stack("model", blocks)], layer_unit="matrix", base_init="kaiming_normal",
+    return Layout(chains=[Chain("model", blocks)], layer_unit="matrix", base_init="kaiming_normal",
                   source=source, notes=notes)
 
 
 def _rank_of(blocks: list[Block], ranked: list) -> list[int]:
-    """Trace positions of the members of ``blocks`` (used to order stacks by first execution)."""
+    """Trace positions of the members of ``blocks`` (used to order chains by first execution)."""
     params = {m.param for b in blocks for m in b.members}
     return [r for r, _, _, m in ranked if m.param in params] or [len(ranked)]

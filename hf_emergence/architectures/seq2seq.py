@@ -1,6 +1,6 @@
 """Encoder-decoder Transformers: the BART family (Marian, BART, mBART, M2M-100, Pegasus) and T5.
 
-Layers are the Transformer blocks, indexed per stack (encoder, decoder) by default. Embeddings (tied
+Layers are the Transformer blocks, numbered per chain (encoder, decoder) by default. Embeddings (tied
 to the LM head), positional tables and LayerNorms are not weight layers and are never touched.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..layout import Layout, Stack
+from ..layout import Chain, Layout
 from ._helpers import check_count, find_blocks, ordered_block
 from .registry import LayoutMismatch, register_architecture
 
@@ -26,16 +26,16 @@ _T5_ORDER = (
 
 def _encoder_decoder(model: nn.Module, model_type: str, block_path: str, order: tuple[str, ...],
                      counts: dict[str, object], base_init: str) -> Layout:
-    stacks = []
-    for stack in ("encoder", "decoder"):
-        blocks = find_blocks(model, rf"(.*\.)?{stack}\.{block_path}\.\d+")
+    chains = []
+    for side in ("encoder", "decoder"):
+        blocks = find_blocks(model, rf"(.*\.)?{side}\.{block_path}\.\d+")
         if not blocks:
             continue
-        check_count(len(blocks), counts.get(stack), f"{stack} blocks", model_type)
-        stacks.append(Stack(stack, [ordered_block(n, m, order) for n, m in blocks]))
-    if not stacks:
+        check_count(len(blocks), counts.get(side), f"{side} blocks", model_type)
+        chains.append(Chain(side, [ordered_block(n, m, order) for n, m in blocks]))
+    if not chains:
         raise LayoutMismatch(f"no '{{encoder,decoder}}.{block_path}.N' blocks found in this {model_type!r} model")
-    return Layout(stacks=stacks, layer_unit="block", base_init=base_init, source=f"registry:{model_type}")
+    return Layout(chains=chains, layer_unit="block", base_init=base_init, source=f"registry:{model_type}")
 
 
 @register_architecture(["marian", "bart", "mbart", "m2m_100", "pegasus"])

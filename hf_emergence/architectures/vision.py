@@ -15,7 +15,7 @@ import re
 
 import torch.nn as nn
 
-from ..layout import LINEAR, SHORTCUT, Layout, Stack
+from ..layout import LINEAR, SHORTCUT, Chain, Layout
 from ._helpers import check_count, find_blocks, ordered_block, single_block
 from .registry import LayoutMismatch, register_architecture
 
@@ -35,8 +35,8 @@ def vit_like(model: nn.Module) -> Layout:
     if not blocks:
         raise LayoutMismatch(f"no Transformer blocks ('layers.N') found in this {cfg.model_type!r} model")
     check_count(len(blocks), getattr(cfg, "num_hidden_layers", None), "encoder blocks", cfg.model_type)
-    stack = Stack("encoder", [ordered_block(n, m, order) for n, m in blocks])
-    return Layout(stacks=[stack], layer_unit="block", base_init="xavier_uniform", source=f"registry:{cfg.model_type}")
+    chain = Chain("encoder", [ordered_block(n, m, order) for n, m in blocks])
+    return Layout(chains=[chain], layer_unit="block", base_init="xavier_uniform", source=f"registry:{cfg.model_type}")
 
 
 @register_architecture("resnet")
@@ -50,7 +50,7 @@ def resnet(model: nn.Module) -> Layout:
     blocks += [ordered_block(n, m, (r"layer\.\d+\.convolution", r"shortcut\.convolution"),
                              roles={r"shortcut\.convolution": SHORTCUT}) for n, m in residual]
     blocks.append(single_block(model, "classifier.1", role=LINEAR))
-    return Layout(stacks=[Stack("model", [b for b in blocks if b is not None])], layer_unit="matrix",
+    return Layout(chains=[Chain("model", [b for b in blocks if b is not None])], layer_unit="matrix",
                   base_init="kaiming_normal", source="registry:resnet")
 
 
@@ -68,7 +68,7 @@ def convnext(model: nn.Module) -> Layout:
         blocks += [ordered_block(n, m, ("dwconv", "pwconv1", "pwconv2")) for n, m in stage]
     check_count(n_blocks, sum(cfg.depths), "ConvNeXt blocks", "convnext")
     blocks.append(single_block(model, "classifier", role=LINEAR))
-    return Layout(stacks=[Stack("model", [b for b in blocks if b is not None])], layer_unit="matrix",
+    return Layout(chains=[Chain("model", [b for b in blocks if b is not None])], layer_unit="matrix",
                   base_init="kaiming_normal", source="registry:convnext")
 
 
