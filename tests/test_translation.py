@@ -509,7 +509,7 @@ def test_presets_set_the_recipe_and_flags_override_it():
 def test_built_model_follows_fairseq_conventions(model_type):
     """Shared source/target/output embedding, scaled embeddings, ReLU, eos starts the decoder, no LayerDrop, SDPA; and
     m2m_100 is the pre-LN Transformer (a LayerNorm before each sub-layer and a final one), marian the post-LN one."""
-    args, model = _tiny_model(["--model_type", model_type, "--dropout", "0.1"])
+    args, model = _tiny_model(["--model_type", model_type, "--dropout", "0.1", "--config_overrides", ""])
     cfg = model.config
     enc, dec = model.get_encoder(), model.get_decoder()
     assert enc.embed_tokens.weight.data_ptr() == dec.embed_tokens.weight.data_ptr() == \
