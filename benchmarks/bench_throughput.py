@@ -302,7 +302,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
              f"Measured {result['date']} with:", "", "```bash", result["command"], "```", "",
              f"Machine: {m['cpu_cores']} CPU cores, {m['threads']} torch thread(s) on both sides, torch {m['torch']}, "
              f"transformers {m['transformers']}, accelerate {m['accelerate']}, Python {m['python']}, {m['platform']}.", "",
-             f"Target (issues 4 and 5): script >= {result['target']}x the hand loop.", "",
+             f"Target: script >= {result['target']}x the hand loop (issues 4 and 5; translation: issue 10).", "",
              "| script | model | steps timed | hand loop (reference) | script | script / hand | script / hand, median "
              "windows | script's own log | data_wait_share script / hand |",
              "|---|---|---|---|---|---|---|---|---|"]
