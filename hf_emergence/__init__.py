@@ -8,7 +8,8 @@
 __version__ = "0.1.0"
 
 from .architectures import discover, get_architecture, list_architectures, register_architecture, unregister_architecture
-from .emergence_init import AlreadyAppliedError, EmergenceInit, already_applied
+from .emergence_init import EmergenceInit
+from .record import AlreadyAppliedError, already_applied
 from .layout import Block, Chain, Layout, Member
 from .measure import ActivationProfile, EmergenceScore, activation_profile, emergence, suggest_alpha
 from .modeling import EmergenceInitMixin, from_config, resolve_model_class

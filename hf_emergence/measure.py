@@ -54,7 +54,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .emergence_init import EmergenceInit, already_applied, unwrap_model
+from .distributed import unwrap_model
+from .emergence_init import EmergenceInit
+from .record import already_applied
 from .plan import EmergencePlan, PlanEntry
 from .schedule import scale_factor
 from ._text import text_table

@@ -1,5 +1,6 @@
 """The from_config hook and the mixin: the init runs inside transformers' construction and travels with the checkpoint."""
 
+import copy
 import json
 import os
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig, MarianConfig, MarianMTModel, PreTrainedModel
 
-from hf_emergence import AlreadyAppliedError, EmergenceInit, EmergenceInitMixin, from_config
-from tiny_models import CONFIGS, REGISTERED, hf_class, hf_config
+from hf_emergence import AlreadyAppliedError, EmergenceInit, EmergenceInitMixin, already_applied, from_config
+from tiny_models import CONFIGS, MLP, REGISTERED, hf_class, hf_config
 
 HF_ROWS = REGISTERED + ["gpt2", "bert"]
 
@@ -56,7 +57,7 @@ def test_save_and_load_with_stock_transformers_is_bit_identical(name, tmp_path):
     reference = model.state_dict()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, reference[k]), k
-    with pytest.raises(AlreadyAppliedError, match="loaded from a checkpoint"):
+    with pytest.raises(AlreadyAppliedError, match="already carries the emergence init"):
         EmergenceInit(alpha=1.4).apply(loaded)
 
 
@@ -127,3 +128,80 @@ def test_from_config_leaves_the_callers_config_alone_and_passes_model_kwargs():
     model = from_config(CONFIGS["vit"][2], config, alpha=1.2, attn_implementation="eager")
     assert not hasattr(config, "emergence_init")
     assert model.config._attn_implementation == "eager"
+
+
+def _saved_vit(tmp_path):
+    torch.manual_seed(0)
+    model = from_config(CONFIGS["vit"][2], hf_config("vit"), alpha=1.3)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _load_state_into_fresh_build(model, tmp_path):
+    """A stock build from the checkpoint's config (fresh weights, the record says applied), then its saved state dict."""
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    fresh = CONFIGS["vit"][2].from_config(AutoConfig.from_pretrained(tmp_path))
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt"))
+    return fresh
+
+
+GUARD_ROUTES = {
+    "deepcopy": lambda model, path: copy.deepcopy(model),
+    "half of a copy": lambda model, path: copy.deepcopy(model).half(),
+    "bfloat16 copy of the loaded checkpoint": lambda model, path: CONFIGS["vit"][2].from_pretrained(path).to(torch.bfloat16),
+    "from_config + load_state_dict": _load_state_into_fresh_build,
+    "from_pretrained": lambda model, path: CONFIGS["vit"][2].from_pretrained(path),
+    "deepcopy of from_pretrained": lambda model, path: copy.deepcopy(CONFIGS["vit"][2].from_pretrained(path)),
+}
+
+
+@pytest.mark.parametrize("route", list(GUARD_ROUTES))
+def test_weights_that_carry_the_init_are_refused_on_every_route(route, tmp_path):
+    model = _saved_vit(tmp_path)
+    again = GUARD_ROUTES[route](model, tmp_path)
+    assert already_applied(again)
+    before = {k: v.clone() for k, v in again.state_dict().items()}
+    with pytest.raises(AlreadyAppliedError, match="already carries the emergence init.*force=True"):
+        EmergenceInit(alpha=1.3).apply(again)
+    assert all(torch.equal(v, before[k]) for k, v in again.state_dict().items())   # refused before any change
+
+
+def test_a_fresh_build_from_a_saved_config_does_not_count_as_applied(tmp_path):
+    _saved_vit(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.emergence_init["applied"] is True                  # the record travels with the config ...
+    fresh = CONFIGS["vit"][2].from_config(config)
+    assert already_applied(fresh) is None                            # ... but these are new weights
+    plan = EmergenceInit(alpha=1.3).apply(fresh)
+    assert fresh.config.emergence_init["fingerprint"] != AutoConfig.from_pretrained(tmp_path).emergence_init["fingerprint"]
+    assert plan.chains == {"encoder": 5}
+
+
+def test_a_checkpoint_trained_after_the_init_still_counts_as_applied(tmp_path):
+    model = _saved_vit(tmp_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)                                             # "training": the fingerprint no longer matches
+    model.save_pretrained(tmp_path)
+    loaded = CONFIGS["vit"][2].from_pretrained(tmp_path)
+    assert "loaded from a checkpoint" in already_applied(loaded)
+
+
+def test_records_of_version_0_1_without_fingerprint_still_guard_loaded_checkpoints(tmp_path):
+    model = _saved_vit(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["emergence_init"]["fingerprint"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert "loaded from a checkpoint" in already_applied(CONFIGS["vit"][2].from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("route", ["deepcopy", "half of a copy"])
+def test_plain_modules_keep_the_guard_through_copies(route):
+    torch.manual_seed(0)
+    model = MLP()
+    EmergenceInit(alpha=1.3).apply(model)
+    again = GUARD_ROUTES[route](model, None)
+    with pytest.raises(AlreadyAppliedError):
+        EmergenceInit(alpha=1.3).apply(again)
+    again.emergence_plan = None                                      # without the plan, the record's fingerprint decides
+    assert "weights are the ones it produced" in already_applied(again)
