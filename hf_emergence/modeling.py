@@ -6,8 +6,9 @@ right after that, when the config carries ``emergence_init`` settings. ``from_pr
 model on the meta device, where the mixin does nothing, so a saved checkpoint is never rescaled twice.
 
 **Drawing once.** Nested sub-models (an encoder, a decoder) run their own ``post_init`` during
-construction. While a model with a base-init re-draw is built, those nested ``init_weights`` calls are
-deferred and replayed, in the same order, by the top model, after it has flagged the tensors the plan
+construction. While a model with a base-init re-draw is built, those nested ``init_weights`` calls tie
+their weights at once (so untied copies are freed when a stock build frees them) but defer the init,
+which the top model replays, in the same order, after it has flagged the tensors the plan
 re-draws as initialised (transformers' ``_is_hf_initialized``, which its init functions honour). So
 transformers initialises everything else exactly as a stock build does, and the planned tensors are
 drawn once, by the base init. With ``base_init="keep"`` nothing is deferred: the build is the stock one.
@@ -113,7 +114,8 @@ def _stock_init_weights(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def _deferred_nested_init(top: nn.Module, active: bool) -> Iterator[None]:
-    """While ``top`` is built, nested sub-models' ``PreTrainedModel.init_weights`` only queue themselves."""
+    """While ``top`` is built, nested sub-models' ``PreTrainedModel.init_weights`` only tie their weights and
+    queue themselves; the top model replays their init in the same order (module docstring)."""
     if not active:
         yield
         return
@@ -124,7 +126,8 @@ def _deferred_nested_init(top: nn.Module, active: bool) -> Iterator[None]:
 
         def init_weights(model: nn.Module) -> None:
             if _BUILDS and model is not _BUILDS[-1][0]:
-                _BUILDS[-1][1].append(model)
+                _BUILDS[-1][1].append(model)                 # its initialize_weights is replayed by the top model
+                model.tie_weights(recompute_mapping=False)    # tie now: untied copies are freed as in a stock build
             else:
                 stock(model)
 
