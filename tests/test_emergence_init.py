@@ -303,6 +303,19 @@ def test_factors_that_overflow_in_the_dtype_are_refused_by_name(alpha, dtype, wh
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))   # nothing changed
 
 
+def test_the_cli_refuses_an_alpha_whose_factors_overflow(tmp_path, capsys):
+    from hf_emergence.cli import main
+
+    out = tmp_path / "vit"
+    code = main(["init", "--model_type", "vit", "--config_overrides", "num_hidden_layers=3,hidden_size=16,"
+                 "num_attention_heads=2,intermediate_size=32,image_size=16,patch_size=4", "--alpha", "1e200",
+                 "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not out.exists()
+    assert "layers.0.attention.v_proj.weight (chain 'encoder', layer 0) would be multiplied by alpha**-1 = 1e-200, " \
+           "which is zero in float32" in err[0]
+
+
 def test_bad_plan_text_is_one_clear_error():
     good = EmergenceInit(alpha=1.2).plan(_build("marian")).to_json()
     for text, match in [("{not json", r"^not an EmergencePlan: invalid JSON at line 1 column 2"),

@@ -179,17 +179,21 @@ def test_from_config_leaves_the_callers_config_alone_and_passes_model_kwargs():
     assert model.config._attn_implementation == "eager"
 
 
-def _saved_vit(tmp_path):
+def _saved(tmp_path, name="vit"):
     torch.manual_seed(0)
-    model = from_config(CONFIGS["vit"][2], hf_config("vit"), alpha=1.3)
+    model = from_config(CONFIGS[name][2], hf_config(name), alpha=1.3)
     model.save_pretrained(tmp_path)
     return model
+
+
+def _loader(model):
+    return type(model)
 
 
 def _load_state_into_fresh_build(model, tmp_path):
     """A stock build from the checkpoint's config (fresh weights, the record says applied), then its saved state dict."""
     torch.save(model.state_dict(), tmp_path / "state.pt")
-    fresh = CONFIGS["vit"][2].from_config(AutoConfig.from_pretrained(tmp_path))
+    fresh = _loader(model)._from_config(AutoConfig.from_pretrained(tmp_path))
     fresh.load_state_dict(torch.load(tmp_path / "state.pt"))
     return fresh
 
@@ -197,16 +201,17 @@ def _load_state_into_fresh_build(model, tmp_path):
 GUARD_ROUTES = {
     "deepcopy": lambda model, path: copy.deepcopy(model),
     "half of a copy": lambda model, path: copy.deepcopy(model).half(),
-    "bfloat16 copy of the loaded checkpoint": lambda model, path: CONFIGS["vit"][2].from_pretrained(path).to(torch.bfloat16),
+    "bfloat16 copy of the loaded checkpoint": lambda model, path: _loader(model).from_pretrained(path).to(torch.bfloat16),
     "from_config + load_state_dict": _load_state_into_fresh_build,
-    "from_pretrained": lambda model, path: CONFIGS["vit"][2].from_pretrained(path),
-    "deepcopy of from_pretrained": lambda model, path: copy.deepcopy(CONFIGS["vit"][2].from_pretrained(path)),
+    "from_pretrained": lambda model, path: _loader(model).from_pretrained(path),
+    "deepcopy of from_pretrained": lambda model, path: copy.deepcopy(_loader(model).from_pretrained(path)),
 }
 
 
+@pytest.mark.parametrize("name", ["vit", "gpt2"])           # registered, and known only to the fallback
 @pytest.mark.parametrize("route", list(GUARD_ROUTES))
-def test_weights_that_carry_the_init_are_refused_on_every_route(route, tmp_path):
-    model = _saved_vit(tmp_path)
+def test_weights_that_carry_the_init_are_refused_on_every_route(route, name, tmp_path):
+    model = _saved(tmp_path, name)
     again = GUARD_ROUTES[route](model, tmp_path)
     assert already_applied(again)
     before = {k: v.clone() for k, v in again.state_dict().items()}
@@ -216,7 +221,7 @@ def test_weights_that_carry_the_init_are_refused_on_every_route(route, tmp_path)
 
 
 def test_a_fresh_build_from_a_saved_config_does_not_count_as_applied(tmp_path):
-    _saved_vit(tmp_path)
+    _saved(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.emergence_init["applied"] is True                  # the record travels with the config ...
     fresh = CONFIGS["vit"][2].from_config(config)
@@ -227,7 +232,7 @@ def test_a_fresh_build_from_a_saved_config_does_not_count_as_applied(tmp_path):
 
 
 def test_a_checkpoint_trained_after_the_init_still_counts_as_applied(tmp_path):
-    model = _saved_vit(tmp_path)
+    model = _saved(tmp_path)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)                                             # "training": the fingerprint no longer matches
@@ -237,7 +242,7 @@ def test_a_checkpoint_trained_after_the_init_still_counts_as_applied(tmp_path):
 
 
 def test_records_of_version_0_1_without_fingerprint_still_guard_loaded_checkpoints(tmp_path):
-    model = _saved_vit(tmp_path)
+    model = _saved(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["emergence_init"]["fingerprint"]
     (tmp_path / "config.json").write_text(json.dumps(config))
