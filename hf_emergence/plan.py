@@ -17,6 +17,7 @@ import torch
 
 from ._text import format_k
 from .base_init import base_init_
+from .distributed import check_same_rng, is_dtensor
 from .layout import SHORTCUT, UNSCALED_ROLES, Layout, Member
 from .schedule import exponents, middle_shrink, scale_factor
 
@@ -158,6 +159,8 @@ class EmergencePlan:
                 matches.append((entry, tensor))
         if not partial:
             self.check_complete([e.name for e, _ in matches], keys=list(state_dict))
+        if reinit and self.base_init != "keep" and any(is_dtensor(t) for _, t in matches):
+            check_same_rng(generator)           # DTensors are drawn whole on every rank (a collective)
         done: list[str] = []
         seen: set[tuple[str, int, int]] = set()
         for entry, tensor in matches:
