@@ -9,6 +9,8 @@ Measured per repetition (model built with ``AutoModelForSeq2SeqLM.from_config``,
 
 * ``apply / from_config``: wall time of ``EmergenceInit(alpha).apply(model)`` (base re-draw + scaling) over the
   wall time of the stock ``from_config`` that built the model; also with ``base_init="keep"`` (scaling only).
+* The same ratios from process CPU time (``time.process_time``; one torch thread, so it is the work done, less
+  sensitive than wall time to other jobs taking the CPU away), for the scaling and the hook.
 * ``peak extra memory / model size``: the process's peak resident memory during ``apply`` minus its resident
   memory just before, over the bytes of all parameters and buffers; also over the bytes of the largest tensor the
   plan touches. Linux only: the kernel's high-water mark (``VmHWM``) is reset by writing 5 to
@@ -96,10 +98,13 @@ def _reset_peak() -> bool:
         return False
 
 
-def _timed(fn):
+def _timed(fn, cpu: dict | None = None, key: str = ""):
+    """``(fn(), wall seconds)``; with ``cpu``, also stores the process CPU seconds under ``cpu[key]``."""
     gc.collect()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
+    if cpu is not None:
+        cpu[key] = time.process_time() - c0
     return out, time.perf_counter() - t0
 
 
@@ -153,15 +158,13 @@ def main(argv=None) -> dict:
             build_before = _status()["VmRSS"]
             peak_ok = _reset_peak()
             if which == "stock":
-                model, r["from_config_s"] = _timed(stock)
+                model, r["from_config_s"] = _timed(stock, r, "from_config_cpu_s")
                 r["stock_build_peak_bytes"] = _status()["VmHWM"] - build_before if peak_ok else None
                 # apply on the model just built by the stock path: time and peak extra resident memory.
                 gc.collect()
                 before = _status()["VmRSS"]
                 peak_ok = _reset_peak()
-                t0 = time.perf_counter()
-                EmergenceInit(alpha=args.alpha).apply(model)
-                r["apply_s"] = time.perf_counter() - t0
+                _, r["apply_s"] = _timed(lambda: EmergenceInit(alpha=args.alpha).apply(model), r, "apply_cpu_s")
                 after = _status()
                 r["apply_peak_extra_bytes"] = after["VmHWM"] - before if peak_ok else None
                 r["apply_rss_delta_bytes"] = after["VmRSS"] - before
@@ -174,12 +177,11 @@ def main(argv=None) -> dict:
                 r["control_copy_peak_extra_bytes"] = _status()["VmHWM"] - before if peak_ok else None
                 del tmp
                 # scaling only (the weights are kept, as after a model's own init).
-                t0 = time.perf_counter()
-                EmergenceInit(alpha=args.alpha, base_init="keep").apply(model, force=True)
-                r["apply_keep_s"] = time.perf_counter() - t0
+                _, r["apply_keep_s"] = _timed(lambda: EmergenceInit(alpha=args.alpha, base_init="keep").apply(model, force=True),
+                                              r, "apply_keep_cpu_s")
                 del model
             else:
-                model, r["hf_from_config_s"] = _timed(with_init)
+                model, r["hf_from_config_s"] = _timed(with_init, r, "hf_from_config_cpu_s")
                 r["hf_build_peak_bytes"] = _status()["VmHWM"] - build_before if peak_ok else None
                 assert model.emergence_plan is not None
                 del model
@@ -192,6 +194,8 @@ def main(argv=None) -> dict:
         r["ratio_apply_keep_over_from_config"] = r["apply_keep_s"] / r["from_config_s"]
         r["ratio_plan_meta_over_from_config"] = r["plan_meta_s"] / r["from_config_s"]
         r["ratio_hf_from_config_over_stock"] = r["hf_from_config_s"] / r["from_config_s"]
+        r["ratio_apply_keep_over_from_config_cpu"] = r["apply_keep_cpu_s"] / r["from_config_cpu_s"]
+        r["ratio_hf_from_config_over_stock_cpu"] = r["hf_from_config_cpu_s"] / r["from_config_cpu_s"]
         if r["apply_peak_extra_bytes"] is not None:
             r["ratio_peak_extra_over_model_bytes"] = r["apply_peak_extra_bytes"] / model_bytes
             r["ratio_peak_extra_over_largest_planned_tensor"] = r["apply_peak_extra_bytes"] / largest_planned
@@ -268,6 +272,9 @@ def markdown(res: dict) -> str:
         f"plan {ms('plan_meta_s', '.3f', 1000)} ms |",
         f"| `hf_emergence.from_config` time / stock `from_config` time (target <= 1.03) | "
         f"{ms('ratio_hf_from_config_over_stock')} | hf from_config {ms('hf_from_config_s', '.2f')} s |",
+        f"| the same two ratios from process CPU time: scaling only / stock `from_config` | "
+        f"{ms('ratio_apply_keep_over_from_config_cpu')} | stock from_config CPU {ms('from_config_cpu_s', '.2f')} s |",
+        f"| hf_emergence.from_config / stock `from_config` | {ms('ratio_hf_from_config_over_stock_cpu')} | |",
         f"| peak memory of the `hf_emergence.from_config` build minus that of the stock build / largest planned "
         f"tensor (target <= 1) | {ms('ratio_hook_peak_extra_over_largest_planned_tensor', '.2f')} | stock build peak "
         f"{ms('stock_build_peak_bytes', '.1f', 1 / mib)} MiB |",

@@ -12,6 +12,7 @@ changes, never a silent no-op.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -77,6 +78,7 @@ def apply_to_checkpoint(folder: Union[str, os.PathLike], init: EmergenceInit, *,
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{folder} has no *.safetensors file")
+    by_name = {n: e for e in plan.entries for n in (e.name, *e.aliases)}
     key_maps, metadata, found, all_keys = {}, {}, [], []
     for path in files:                                      # 1. check, reading keys and shapes only
         with safe_open(str(path), framework="pt") as f:
@@ -85,14 +87,13 @@ def apply_to_checkpoint(folder: Union[str, os.PathLike], init: EmergenceInit, *,
             metadata[path] = f.metadata()
             key_maps[path] = checkpoint_key_map(model, keys)
             for key in keys:
-                name = key_maps[path].get(key, key)
-                if name in plan:
-                    entry = plan[name]
+                entry = by_name.get(key_maps[path].get(key, key))
+                if entry is not None:
                     if tuple(f.get_slice(key).get_shape()) != entry.shape:
                         raise ValueError(f"{path.name}: {key!r} has shape {f.get_slice(key).get_shape()}, the plan's "
                                          f"{entry.name!r} is {list(entry.shape)}")
                     found.append(entry.name)
-    doubled = sorted({n for n in found if found.count(n) > 1})
+    doubled = sorted(n for n, count in Counter(found).items() if count > 1)
     if doubled:
         raise ValueError(f"{folder}: planned tensor(s) stored more than once: {', '.join(doubled[:5])}")
     plan.check_complete(found, keys=all_keys)

@@ -7,6 +7,7 @@ and can be applied tensor by tensor, which is what sharded training needs (see `
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -178,7 +179,8 @@ class EmergencePlan:
 
         ``keys`` (the state dict's keys, if known) are quoted to show what the names looked like instead.
         """
-        found = {self[n].name for n in handled if n in self}
+        by_name = {n: e.name for e in self.entries for n in (e.name, *e.aliases)}
+        found = {by_name[n] for n in handled if n in by_name}
         missing = [e.name for e in self.entries if e.name not in found]
         if not missing:
             return
@@ -349,14 +351,22 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
                          model=model_name, entries=entries, chains=counts, notes=notes)
 
 
+@functools.lru_cache(maxsize=1024)
+def _factor_in_dtype(factor: float, dtype: torch.dtype) -> str:
+    """"" if ``factor`` is finite and non-zero in ``dtype``, else "infinite" or "zero"."""
+    value = torch.tensor(factor, dtype=torch.float64).to(dtype)
+    if not math.isfinite(factor) or not torch.isfinite(value):
+        return "infinite"
+    return "zero" if value == 0 else ""
+
+
 def _check_factor(entry: PlanEntry, dtype: torch.dtype) -> None:
     """A factor must be finite and non-zero in the tensor's dtype (alpha**k over- or underflows otherwise)."""
     if not dtype.is_floating_point:
         return
-    value = torch.tensor(entry.factor, dtype=torch.float64).to(dtype)
-    if math.isfinite(entry.factor) and torch.isfinite(value) and value != 0:
+    what = _factor_in_dtype(entry.factor, dtype)
+    if not what:
         return
-    what = "infinite" if not torch.isfinite(value) else "zero"
     raise ValueError(f"{entry.name} (chain {entry.chain!r}, layer {entry.layer}) would be multiplied by "
                      f"alpha**{format_k(entry.k)} = {entry.factor:.4g}, which is {what} in {str(dtype).replace('torch.', '')}: "
                      "choose an alpha closer to 1")
