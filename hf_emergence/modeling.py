@@ -46,6 +46,8 @@ def _build_device() -> torch.device:
 
 
 _MIXED_CLASSES: dict[type, type] = {}
+#: Classes whose ``_from_config`` is running (it applies the init itself after a ZeRO-3 build).
+_IN_FROM_CONFIG: list[type] = []
 #: Models under construction that defer their nested sub-models' init: (top model, deferred sub-models).
 _BUILDS: list[tuple[nn.Module, list[nn.Module]]] = []
 
@@ -66,7 +68,11 @@ class EmergenceInitMixin:
 
     @classmethod
     def _from_config(cls, config: Any, **kwargs: Any) -> Any:
-        model = super()._from_config(config, **kwargs)  # type: ignore[misc]
+        _IN_FROM_CONFIG.append(cls)
+        try:
+            model = super()._from_config(config, **kwargs)  # type: ignore[misc]
+        finally:
+            _IN_FROM_CONFIG.pop()
         spec = _requested(model.config)
         if spec and getattr(model, "emergence_plan", None) is None and any(is_partitioned(p) for p in model.parameters()):
             EmergenceInit.from_dict(spec).apply(model, force=True)   # ZeRO-3: after initialize_weights_zero3
@@ -78,6 +84,11 @@ class EmergenceInitMixin:
         ready = bool(spec) and getattr(self, "emergence_plan", None) is None and not _on_meta(self) \
             and not any(is_partitioned(p) for p in self.parameters())  # type: ignore[attr-defined]
         init = EmergenceInit.from_dict(spec) if ready else None
+        if spec and not spec.get("applied") and not _IN_FROM_CONFIG \
+                and any(is_partitioned(p) for p in self.parameters()):  # type: ignore[attr-defined]  # not from_pretrained
+            warn(f"{type(self).__name__} was built inside deepspeed.zero.Init, so the emergence init was not applied "
+                 "during construction; call EmergenceInit(...).apply(model) now (it gathers each parameter), or build "
+                 "with from_config, which does")
         with _skipped_by_transformers(self, init if deferred is not None else None) as skipped:
             for nested in deferred or ():
                 _stock_init_weights(nested)

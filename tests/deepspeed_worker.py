@@ -8,6 +8,7 @@
 2. ``apply`` on a ``zero.Init``-partitioned model (the ZeRO-3 config is registered by the Accelerator)
    equals a single-process ``apply`` on the same weights, with and without a base-init re-draw.
 3. ``hf_emergence.from_config`` under ZeRO-3 applies the init after transformers' ``initialize_weights_zero3``.
+4. A mixin class built directly inside ``deepspeed.zero.Init`` warns that the init was not applied.
 Rank 0 writes {check: result} of every rank to OUT.json.
 """
 
@@ -28,9 +29,10 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin  # noqa: E402
+from transformers.initialization import no_init_weights  # noqa: E402
 from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
 
-from hf_emergence import EmergenceInit, already_applied, from_config  # noqa: E402
+from hf_emergence import EmergenceInit, EmergenceInitMixin, already_applied, from_config  # noqa: E402
 from hf_emergence.base_init import base_std  # noqa: E402
 from tiny_models import CONFIGS, hf_class, hf_config  # noqa: E402
 
@@ -98,6 +100,19 @@ def main(out: str) -> None:
         expected = base_std(plan.base_init, entry.fan_in, entry.fan_out) * entry.factor
         ratios.append(float(state[entry.name].double().std()) / expected)
     results["from_config/std_over_planned"] = [min(ratios), max(ratios)]
+
+    # 4. a mixin class built directly inside deepspeed.zero.Init: not applied during construction, and it says so
+    class Mixed(EmergenceInitMixin, cls):
+        pass
+
+    config = hf_config("marian")
+    config.emergence_init = EmergenceInit(alpha=ALPHA).to_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(DS_CONFIG)):   # as transformers does
+            direct = Mixed(config)
+    results["zero_init_direct/warned"] = any("built inside deepspeed.zero.Init" in str(w.message) for w in caught)
+    results["zero_init_direct/applied"] = getattr(direct, "emergence_plan", None) is not None
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, results)
     if dist.get_rank() == 0:

@@ -113,3 +113,9 @@ def test_zero3_from_config_applies_after_transformers_zero3_init(zero3):
         low, high = rank["from_config/std_over_planned"]
         assert 0.8 < low <= high < 1.2                    # every planned tensor: base std x alpha**k
     assert zero3[0] == zero3[1]
+
+
+@pytest.mark.slow
+def test_zero3_direct_build_of_a_mixin_class_warns_instead_of_a_silent_no_op(zero3):
+    for rank in zero3:
+        assert rank["zero_init_direct/warned"] is True and rank["zero_init_direct/applied"] is False
