@@ -25,3 +25,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci_lines[0] == _readme_commands()[1]
     assert ci_lines[1:] == ['. .venv/bin/activate && pip install -e ".[deepspeed]" && HF_EMERGENCE_TEST_DEEPSPEED=1 '
                             'python -m pytest -q tests/test_distributed.py -k zero3']
+
+
+def test_the_console_script_entry_point_is_the_cli_main():
+    from hf_emergence.cli import main
+
+    setup_py = (ROOT / "setup.py").read_text()
+    target = re.search(r'"hf-emergence=([\w.]+):(\w+)"', setup_py)
+    module = __import__(target.group(1), fromlist=[target.group(2)])
+    assert getattr(module, target.group(2)) is main
