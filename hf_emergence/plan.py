@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from ._text import format_k
 from .base_init import base_init_
 from .layout import SHORTCUT, UNSCALED_ROLES, Layout, Member
-from .schedule import exponents, middle_shrink, scale_factor
+from .schedule import exponents, middle_shrink, scale_factor, warn_if_extreme
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class PlanEntry:
 
     ``layer`` is the index of its layer in its chain and ``k`` the exponent (``None`` and factor 1.0
     for tensors that are re-initialised but keep their scale, e.g. attention Q/K under
-    ``attention="vo"``). ``aliases`` lists other names of the same Parameter (tied weights).
+    ``attention="vo"``). ``aliases`` lists other names of the same Parameter (tied weights). ``init``
+    overrides the plan's base init for this tensor ("keep": the magnitude of a weight-normed layer).
     """
 
     name: str
@@ -40,6 +42,7 @@ class PlanEntry:
     fan_in: int
     fan_out: int
     aliases: tuple[str, ...] = ()
+    init: Optional[str] = None
 
     @property
     def numel(self) -> int:
@@ -74,6 +77,8 @@ class EmergencePlan:
     entries: list[PlanEntry] = field(default_factory=list)
     chains: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: (parameter, reason) for every weight-bearing (>= 2-d) parameter the plan leaves alone.
+    left_out: list[tuple[str, str]] = field(default_factory=list)
 
     # ---- access -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[PlanEntry]:
@@ -109,7 +114,7 @@ class EmergencePlan:
         is drawn from exactly the distribution the whole tensor would be.
         """
         if reinit:
-            base_init_(tensor, self.base_init, entry.fan_in, entry.fan_out, generator=generator)
+            base_init_(tensor, entry.init or self.base_init, entry.fan_in, entry.fan_out, generator=generator)
         if entry.factor != 1.0:
             tensor.mul_(entry.factor)
         return tensor
@@ -134,7 +139,8 @@ class EmergencePlan:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "source": self.source, "settings": dict(self.settings),
                 "base_init": self.base_init, "layer_unit": self.layer_unit, "chains": dict(self.chains),
-                "notes": list(self.notes), "entries": [e.to_dict() for e in self.entries]}
+                "notes": list(self.notes), "left_out": [list(x) for x in self.left_out],
+                "entries": [e.to_dict() for e in self.entries]}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -143,7 +149,8 @@ class EmergencePlan:
     def from_dict(cls, d: dict[str, Any]) -> "EmergencePlan":
         return cls(settings=d["settings"], base_init=d["base_init"], layer_unit=d["layer_unit"], source=d["source"],
                    model=d["model"], entries=[PlanEntry.from_dict(e) for e in d["entries"]],
-                   chains=dict(d.get("chains", {})), notes=list(d.get("notes", [])))
+                   chains=dict(d.get("chains", {})), notes=list(d.get("notes", [])),
+                   left_out=[(str(n), str(r)) for n, r in d.get("left_out", [])])
 
     @classmethod
     def from_json(cls, text: str) -> "EmergencePlan":
@@ -191,6 +198,12 @@ class EmergencePlan:
         lines.append(tail)
         lines.append(f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}")
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.left_out:
+            by_reason = Counter(r for _, r in self.left_out)
+            lines.append(f"left alone: {len(self.left_out)} weight(s) (>= 2-d), by reason:")
+            for reason, n in by_reason.most_common():
+                names = [name for name, r in self.left_out if r == reason]
+                lines.append(f"  {n:>4}  {reason}: {', '.join(names[:3])}" + (" ..." if n > 3 else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -202,8 +215,8 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
     """Turn a discovered layout into a plan under ``settings`` (the validated EmergenceInit fields).
 
     ``shapes`` maps canonical parameter names to shapes, ``aliases`` canonical names to their other
-    names. Members matching ``settings["exclude"]`` are dropped; a Parameter met twice (shared across
-    blocks) keeps its first entry.
+    names. Members matching ``settings["exclude"]`` are dropped (and listed in ``left_out``); a Parameter
+    met twice (shared across blocks) keeps its first entry. ``chain="stage"`` numbers each stage apart.
     """
     exclude = [re.compile(p) for p in settings.get("exclude", ())]
     unscaled_roles = UNSCALED_ROLES[settings["attention"]]
@@ -214,26 +227,28 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
     chains: list[tuple[str, list[tuple[str, list[Member]]]]] = []
     seen: set[str] = set()
     duplicates = 0
-    for chain in layout.chains:
+    left_out = list(layout.left_out)
+    for chain in (layout.stage_chains() if settings["chain"] == "stage" else layout.chains):
         layers: list[tuple[str, list[Member]]] = []
         for block in chain.blocks:
             members = []
             for m in block.members:
                 name = canonical.get(m.param, m.param)
                 if any(rx.search(n) for rx in exclude for n in (name, *aliases.get(name, ()))):
+                    left_out.append((name, "matches exclude="))
                     continue
                 if name in seen:
                     duplicates += 1
                     continue
                 seen.add(name)
-                members.append(Member(name, m.role, m.fan_in, m.fan_out))
+                members.append(replace(m, param=name))
             if not members:
                 continue
             if layer_unit == "block":
                 layers.append((block.name, members))
                 continue
-            for m in members:  # matrix: each scaled tensor is a layer, shortcuts join the previous one
-                if m.role == SHORTCUT and layers:
+            for m in members:  # matrix: each scaled tensor is a layer, shortcuts and parallel branches join the previous one
+                if (m.role == SHORTCUT or m.parallel) and layers:
                     layers[-1][1].append(m)
                 else:
                     layers.append((m.param.rsplit(".", 1)[0], [m]))
@@ -260,7 +275,9 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
                 factor = 1.0 if keep else scale_factor(settings["alpha"], k, settings["scale_mode"])
                 entries.append(PlanEntry(name=m.param, chain=chain_name, layer=None if keep else index, block=block_name,
                                          role=m.role, k=None if keep else k, factor=factor, shape=shapes[m.param],
-                                         fan_in=m.fan_in, fan_out=m.fan_out, aliases=aliases.get(m.param, ())))
+                                         fan_in=m.fan_in, fan_out=m.fan_out, aliases=aliases.get(m.param, ()), init=m.init))
     base_init = layout.base_init if settings["base_init"] == "auto" else settings["base_init"]
-    return EmergencePlan(settings=dict(settings), base_init=base_init, layer_unit=layer_unit, source=layout.source,
-                         model=model_name, entries=entries, chains=counts, notes=notes)
+    plan = EmergencePlan(settings=dict(settings), base_init=base_init, layer_unit=layer_unit, source=layout.source,
+                         model=model_name, entries=entries, chains=counts, notes=notes, left_out=left_out)
+    warn_if_extreme(settings["alpha"], [e.k for e in entries if e.k is not None], settings["scale_mode"], model_name)
+    return plan
