@@ -1,0 +1,261 @@
+"""Small batches to run a model once, built from its config and its forward signature (no data, no RNG).
+
+A transformers model names its main input (``main_input_name``); the batch for it is built from the config:
+
+==================  ===========================================================================================
+``input_ids``        (1, 8) token ids below ``vocab_size`` that are no special token of the config; plus
+                     ``decoder_input_ids`` for encoder-decoders and one ``bbox`` per token for layout models
+``pixel_values``     (1, C, H, W) from ``num_channels`` / ``image_size`` (of the config or its vision config),
+                     a 64 x 64 image first when that is larger (a ConvNet runs on any size), 64 and 224 when
+                     the config has no size; also
+                     (1, T, C, H, W) with T = ``num_frames`` for video models
+``input_values``     raw audio: (1, 16000), then (1, C, 16000) with C = ``audio_channels``; a spectrogram
+                     (1, ``max_length``, ``num_mel_bins``) first when the config has both
+``input_features``   spectrogram frames: (1, F, T) and (1, T, F), F = ``num_mel_bins`` (or ``feature_size``, ...),
+                     T = 2 * ``max_source_positions`` when the config has it
+==================  ===========================================================================================
+
+A model whose config has a vision (audio) sub-config and whose forward takes ``pixel_values``
+(``input_features``/``input_values``) gets those too, in a first batch. Other required arguments of ``forward`` are added when their name says what they are (``*_ids``,
+``attention_mask``, ``pixel_values``); one that cannot be built is named in :attr:`Batches.gap`.
+``use_cache=False`` is passed where ``forward`` takes it (no cache object is needed to see the order). A plain
+``nn.Module`` gets a (2, C, 32, ...) batch for a leading ConvNd, (2, 8) ids for a leading Embedding, and
+(2, in) and (2, 8, in) batches for the input widths of its first three Linear layers (the first registered
+may be the head). Tensors are real CPU float32/long tensors; the tracer moves them where it runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+#: A tensor, a tuple of positional arguments or a dict (any Mapping) of keyword arguments.
+ExampleInputs = Any
+
+SEQ_LEN, AUDIO_SAMPLES, IMAGE_SIZE, FRAMES = 8, 16000, 32, 2
+_FEATURE_FIELDS = ("num_mel_bins", "feature_size", "n_mels", "num_mel_filters", "input_feat_per_channel", "input_dim")
+
+
+@dataclass
+class Batches:
+    """Candidate batches, most plausible first, each with a short description; ``gap`` says what is missing."""
+
+    candidates: list[tuple[str, ExampleInputs]] = field(default_factory=list)
+    gap: Optional[str] = None
+
+
+def describe(inputs: ExampleInputs) -> str:
+    """``input_ids (1, 8), decoder_input_ids (1, 8)``: names and shapes of a batch."""
+    if isinstance(inputs, torch.Tensor):
+        return f"tensor {tuple(inputs.shape)}"
+    if hasattr(inputs, "items"):
+        return ", ".join(f"{k} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"{k}={v!r}" for k, v in inputs.items())
+    if isinstance(inputs, (list, tuple)):
+        return ", ".join(describe(v) if isinstance(v, torch.Tensor) else type(v).__name__ for v in inputs)
+    return type(inputs).__name__
+
+
+def build_batches(model: nn.Module, watched: Sequence[nn.Module] = ()) -> Batches:
+    """Candidate batches for ``model`` (see the module docstring)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return _plain_batches(model, watched)
+    main = getattr(model, "main_input_name", None)
+    names = main if isinstance(main, (list, tuple)) else [main]
+    builder = _BUILDERS.get(names[0])
+    if builder is None:
+        return Batches(gap=f"{type(model).__name__} takes {names[0]!r} as its main input, which cannot be built from its "
+                            "config; pass example_inputs= (a batch)")
+    required, accepted = _arguments(model)
+    out = Batches()
+    for shaped in _with_other_modalities(builder(config), names[0], config, accepted):
+        batch = dict(shaped)
+        if "use_cache" in accepted:  # no cache object to build (hybrid caches refuse some layer mixes)
+            batch["use_cache"] = False
+        if "bbox" in accepted and "input_ids" in batch:  # layout models: one box per token
+            batch["bbox"] = torch.tensor([[[0, 0, 1, 1]]]).expand(1, batch["input_ids"].shape[1], 4).contiguous()
+        for name in names[1:] + required:
+            if name in batch:
+                continue
+            extra = _extra(name, config, batch)
+            if extra is None:
+                if name in required:
+                    out.gap = (f"{type(model).__name__}.forward needs {name!r}, which cannot be built from the config; "
+                               "pass example_inputs= (a batch)")
+                    break
+                continue
+            batch[name] = extra
+        else:
+            out.candidates.append((describe(batch), batch))
+    if not out.candidates and out.gap is None:
+        out.gap = f"no batch for {names[0]!r} can be built from {type(config).__name__}"
+    return out
+
+
+def _arguments(model: nn.Module) -> tuple[list[str], set[str]]:
+    """(required argument names, all argument names) of ``model.forward``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return [], set()
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind in named]
+    return required, {p.name for p in params if p.kind in named}
+
+
+def _sub(config: Any, *names: str) -> list[Any]:
+    """``config`` and the sub-configs named ``names`` it holds, in that order."""
+    return [config] + [getattr(config, n) for n in names if getattr(config, n, None) is not None]
+
+
+def _field(configs: Sequence[Any], names: Sequence[str], default: Any = None) -> Any:
+    for cfg in configs:
+        for name in names:
+            value = getattr(cfg, name, None)
+            if value is not None and not isinstance(value, bool):
+                return value
+    return default
+
+
+def token_ids(config: Any, length: int = SEQ_LEN) -> Optional[torch.Tensor]:
+    """(1, length) ids cycling through the lowest ids that no ``*_token_id`` / ``*_token_index`` field names."""
+    configs = _sub(config, "text_config", "decoder", "text_encoder")
+    vocab = _field(configs, ("vocab_size",), SEQ_LEN + 8)  # no vocab_size (byte/char models): small ids
+    special = set()
+    for cfg in configs:
+        for name, value in vars(cfg).items():
+            if (name.endswith("_id") or name.endswith("_index") or name.endswith("_ids")) and isinstance(value, int):
+                special.add(value)
+    usable = [i for i in range(min(vocab, 4 * length + len(special) + 8)) if i not in special] or [0]
+    limit = _field(configs, ("max_position_embeddings", "n_positions", "max_seq_length"))
+    if isinstance(limit, int) and 0 < limit < length:
+        length = limit
+    return torch.tensor([[usable[(3 + i) % len(usable)] for i in range(length)]], dtype=torch.long)
+
+
+def _text(config: Any) -> list[dict[str, torch.Tensor]]:
+    ids = token_ids(config)
+    if ids is None:
+        return []
+    batch = {"input_ids": ids}
+    if getattr(config, "is_encoder_decoder", False):
+        batch["decoder_input_ids"] = ids
+    return [batch]
+
+
+def _image_hw(config: Any) -> tuple[tuple[int, int], bool]:
+    """(height, width) of the config's images, and whether the config gives them."""
+    size = _field(_sub(config, "vision_config", "backbone_config"), ("image_size", "img_size", "input_size"))
+    if size is None:
+        return (IMAGE_SIZE, IMAGE_SIZE), False
+    if isinstance(size, dict):
+        size = (size.get("height", IMAGE_SIZE), size.get("width", IMAGE_SIZE))
+    if isinstance(size, (list, tuple)):
+        size = tuple(size)[-2:] if len(size) >= 2 else (size[0], size[0])
+    h, w = (size, size) if isinstance(size, int) else size
+    return (int(h), int(w)), True
+
+
+def _pattern(*shape: int) -> torch.Tensor:
+    """A fixed, non-constant float tensor in [-1, 1] (no RNG drawn)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.linspace(-1.0, 1.0, n).reshape(shape)
+
+
+def _images(config: Any) -> list[dict[str, torch.Tensor]]:
+    channels = _field(_sub(config, "vision_config", "backbone_config"), ("num_channels", "in_channels", "in_chans"), 3)
+    (h, w), configured = _image_hw(config)
+    frames = _field(_sub(config, "vision_config"), ("num_frames", "frames_per_clip", "tubelet_size"), FRAMES)
+    sizes = [(h, w)] if configured else [(2 * IMAGE_SIZE, 2 * IMAGE_SIZE), (224, 224)]  # detectors need some size
+    if configured and h * w > IMAGE_SIZE * IMAGE_SIZE * 4:  # a ConvNet runs on any size: try a small image first
+        sizes.insert(0, (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))
+    return ([{"pixel_values": _pattern(1, channels, a, b)} for a, b in sizes]
+            + [{"pixel_values": _pattern(1, frames, channels, a, b)} for a, b in sizes])
+
+
+def _videos(config: Any) -> list[dict[str, torch.Tensor]]:
+    return [{"pixel_values_videos": b["pixel_values"]} for b in reversed(_images(config))]
+
+
+def _audio(config: Any) -> list[dict[str, torch.Tensor]]:
+    channels = _field([config], ("audio_channels", "num_channels"), 1)
+    out = [{"input_values": _pattern(1, AUDIO_SAMPLES)}, {"input_values": _pattern(1, channels, AUDIO_SAMPLES)}]
+    bins, frames = getattr(config, "num_mel_bins", None), getattr(config, "max_length", None)
+    if isinstance(bins, int) and isinstance(frames, int):  # a spectrogram named input_values (AST)
+        out.insert(0, {"input_values": _pattern(1, frames, bins)})
+    return out
+
+
+def _features(config: Any) -> list[dict[str, torch.Tensor]]:
+    configs = _sub(config, "audio_config", "encoder_config")
+    features = _field(configs, _FEATURE_FIELDS, 80)
+    channels = _field(configs, ("input_channels",), 1)
+    if isinstance(channels, int) and getattr(config, "input_feat_per_channel", None):
+        features *= channels
+    positions = _field(configs, ("max_source_positions",))
+    frames = 2 * positions if isinstance(positions, int) else 64
+    out = [{"input_features": _pattern(1, features, frames)}, {"input_features": _pattern(1, frames, features)}]
+    if getattr(config, "is_encoder_decoder", False):
+        ids = token_ids(config)
+        if ids is not None:
+            for batch in out:
+                batch["decoder_input_ids"] = ids
+    return out
+
+
+_BUILDERS: dict[str, Callable[[Any], list[dict[str, torch.Tensor]]]] = {
+    "input_ids": _text, "pixel_values": _images, "pixel_values_videos": _videos, "input_values": _audio,
+    "input_features": _features,
+}
+
+
+def _with_other_modalities(batches: list[dict[str, torch.Tensor]], main: str, config: Any,
+                           accepted: set[str]) -> list[dict[str, torch.Tensor]]:
+    """A model taking text and images (or audio) gets both first, then each batch alone (a dual encoder
+    needs both towers fed; a captioner whose ids hold no image token runs its text part alone)."""
+    others = [name for name in ("pixel_values", "input_features", "input_values") if name != main and name in accepted
+              and (name == "pixel_values" and _sub(config, "vision_config")[1:] or name != "pixel_values"
+                   and _sub(config, "audio_config")[1:])]
+    combined = []
+    for name in others:
+        combined.extend({**batches[0], **extra} for extra in _BUILDERS[name](config)[:2] if batches)
+    return combined + batches
+
+
+def _extra(name: str, config: Any, batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """A value for another argument ``name`` of forward, or ``None`` when its name does not say what it is."""
+    if name.endswith("input_ids"):
+        return token_ids(config)
+    if name.endswith("attention_mask"):
+        ids = batch.get("input_ids", batch.get("decoder_input_ids"))
+        return torch.ones_like(ids) if ids is not None else None
+    if name == "pixel_values":
+        return _images(config)[0]["pixel_values"]
+    return None
+
+
+def _plain_batches(model: nn.Module, watched: Sequence[nn.Module]) -> Batches:
+    out = Batches()
+    for dims, cls in ((2, nn.Conv2d), (1, nn.Conv1d), (3, nn.Conv3d)):
+        first = next((m for m in watched if isinstance(m, cls)), None)
+        if first is not None:
+            x = _pattern(2, first.in_channels, *([IMAGE_SIZE] * dims))
+            out.candidates.append((describe(x), (x,)))
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is not None:
+        ids = torch.arange(2 * SEQ_LEN).reshape(2, SEQ_LEN) % embedding.num_embeddings
+        out.candidates.append((describe(ids), (ids,)))
+    widths = list(dict.fromkeys(m.in_features for m in watched if isinstance(m, nn.Linear)))[:3]
+    for width in widths:  # the first Linear registered may be the head: try the first few widths
+        for shape in ((2, width), (2, SEQ_LEN, width)):
+            x = _pattern(*shape)
+            out.candidates.append((describe(x), (x,)))
+    if not out.candidates:
+        out.gap = f"{type(model).__name__} has no leading Linear/Conv/Embedding to build a batch for; pass example_inputs="
+    return out
