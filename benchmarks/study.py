@@ -26,7 +26,8 @@
         "metrics": ["validation_bleu", "test_bleu"],         # final metrics (all_results.json or the final record)
         "first_epoch_metrics": ["validation_bleu"],          # taken from the first evaluation logged with epoch >= 1
         "curve_metrics": ["validation_bleu", "validation_loss"], "curve_x": "step",
-        "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "validation_bleu", "mode": "max"}]
+        "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "validation_bleu", "mode": "max"}],
+        "milestones": {"metric": "validation_bleu", "values": [10, 20, 30], "x": "step"}   # steps to reach each value
       }
     }
 
@@ -52,7 +53,11 @@ metric; diverged and failed runs are counted separately) and the mean ± sample 
 seeds. First-epoch metrics are ``all_results["epoch1_<m>"]`` when the script records them (vision:
 ``epoch1_accuracy``), else the metric of the first evaluation logged with ``epoch >= 1``. A ``select`` entry adds,
 per group of the other axes, a row that repeats the arm (among those matching ``arms``) with the best mean ``by``
-metric: the tuned warm-up control, chosen on validation data. Plots: each curve metric against ``curve_x`` with a
+metric: the tuned warm-up control, chosen on validation data. With a ``baseline`` arm, every other arm (and every
+selected row) gets its paired difference against the baseline over the seeds both finished, with a 95% Student-t
+interval and the reading "no detectable effect" when it covers 0 (``paired.py``), drawn as one forest plot per group
+of the other axes. ``milestones`` gives, per group, the mean step at which each value was first reached and by how
+many runs. Cells of the grid without an ``ok`` result are listed by name and state, never averaged. Plots: each curve metric against ``curve_x`` with a
 ±std band per arm, one PNG per group of the remaining axes; E / E_max at step 0 against alpha when runs logged
 ``emergence_normalised`` (vision ``--measure_emergence``); active fraction per layer when ``all_results`` holds a
 list ``active_fraction_per_layer``.
@@ -81,6 +86,9 @@ from typing import Any, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hf_emergence.atomic import atomic_write  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import paired_difference  # noqa: E402
 RESULT = "study_result.json"
 LOG = "study_log.txt"
 INVOCATIONS = "study_invocations.jsonl"
@@ -318,9 +326,24 @@ def execute(grid: Grid, cell: Cell, out: Path, launcher: list[str], timeout: Opt
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "all_results": all_results, "curve": read_curve(run_dir / "metrics.jsonl"), "log_tail": tail,
+        "code_version": code_version(),
     }
     atomic_write(run_dir / RESULT, json.dumps(result, indent=1))
     return result
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit the run's code came from, and whether the working tree had uncommitted changes."""
+    def git(*argv: str) -> Optional[str]:
+        try:
+            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -534,16 +557,22 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
     groups: dict[tuple, dict[str, Any]] = {}
     for res, fin in zip(results, finals):
         key = tuple(res["cell"].get(a, "") for a in group_axes)
-        g = groups.setdefault(key, {"cell": dict(zip(group_axes, key)), "runs": [], "status": {}, "values": {}, "first": {}})
+        g = groups.setdefault(key, {"cell": dict(zip(group_axes, key)), "runs": [], "status": {}, "values": {}, "first": {},
+                                    "by_seed": {}, "first_by_seed": {}, "milestones": {}})
         g["runs"].append(res["name"])
         g["status"][res["status"]] = g["status"].get(res["status"], 0) + 1
         if res["status"] != "ok":
             continue
+        seed = res["cell"].get(seed_axis, res["name"]) if seed_axis else res["name"]
         for m in metrics:
             if m in fin:
                 g["values"].setdefault(m, []).append(fin[m])
+                g["by_seed"].setdefault(m, {})[seed] = fin[m]
         for m, v in first_epoch_metrics(res, first_names).items():
             g["first"].setdefault(m, []).append(v)
+            g["first_by_seed"].setdefault(m, {})[seed] = v
+        for label, x in milestone_steps(res, report.get("milestones")).items():
+            g["milestones"].setdefault(label, []).append(x)
     for g in groups.values():
         g["stats"] = {m: dict(zip(("mean", "std"), mean_std(v)), n=len(v)) for m, v in g["values"].items()}
         g["first_stats"] = {m: dict(zip(("mean", "std"), mean_std(v)), n=len(v)) for m, v in g["first"].items()}
@@ -562,8 +591,46 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
             pick = (max if sel.get("mode", "max") == "max" else min)(cands, key=lambda g: g["stats"][sel["by"]]["mean"])
             selected.append({**pick, "cell": {**pick["cell"], arm_axis: f"{sel['name']} (= {pick['cell'][arm_axis]})"},
                              "selected_by": sel["by"]})
+    paired = paired_rows(rows + selected, arm_axis, report.get("baseline"), group_axes)
     return {"group_axes": group_axes, "seed_axis": seed_axis, "arm_axis": arm_axis, "metrics": metrics,
-            "first_epoch_metrics": first_names, "rows": rows, "selected": selected}
+            "first_epoch_metrics": first_names, "rows": rows, "selected": selected, "paired": paired,
+            "milestones": report.get("milestones")}
+
+
+def milestone_steps(res: dict[str, Any], spec: Optional[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """For ``{"metric": m, "values": [v1, ...], "x": "step", "mode": "max"}``: the first logged x at which the run's
+    metric reached each value (None when it never did), keyed ``"m >= v"`` (``<=`` for mode "min")."""
+    if not spec:
+        return {}
+    metric, x_key, higher = spec["metric"], spec.get("x", "step"), spec.get("mode", "max") == "max"
+    curve = [r for r in res.get("curve") or [] if not r.get("final") and isinstance(r.get(metric), (int, float))
+             and x_key in r]
+    out = {}
+    for v in spec["values"]:
+        hit = next((r[x_key] for r in curve if (r[metric] >= v if higher else r[metric] <= v)), None)
+        out[f"{metric} {'>=' if higher else '<='} {v:g}"] = hit
+    return out
+
+
+def paired_rows(rows: list[dict[str, Any]], arm_axis: Optional[str], baseline: Optional[str],
+                group_axes: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per (group, metric): the arm's paired difference against the baseline arm of the same other axes,
+    over the seeds both finished (final metrics and first-epoch metrics)."""
+    if not (arm_axis and baseline):
+        return []
+    others = [a for a in group_axes if a != arm_axis]
+    base = {tuple(g["cell"][a] for a in others): g for g in rows if g["cell"][arm_axis] == baseline}
+    out = []
+    for g in rows:
+        ref = base.get(tuple(g["cell"][a] for a in others))
+        if ref is None or ref is g:
+            continue
+        for kind, key in (("final", "by_seed"), ("epoch 1", "first_by_seed")):
+            for m, values in g[key].items():
+                diff = paired_difference(values, ref[key].get(m, {}))
+                if diff is not None:
+                    out.append({"cell": g["cell"], "baseline": baseline, "metric": m, "kind": kind, **diff.to_dict()})
+    return out
 
 
 def fmt_ms(stat: Optional[dict[str, float]], digits: int = 2) -> str:
@@ -604,6 +671,100 @@ def markdown_table(agg: dict[str, Any], baseline: Optional[str] = None) -> str:
             cells.append(f"{s['mean'] - b:+.{_digits(primary)}f}" if (b is not None and s and s["n"]) else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_table(agg: dict[str, Any]) -> str:
+    """Markdown: every arm's paired difference against the baseline, with its 95% interval and reading."""
+    axes = agg["group_axes"]
+    lines = ["| " + " | ".join(axes + ["metric", "pairs", "Δ mean [95% CI]", "reading"]) + " |",
+             "|" + "---|" * (len(axes) + 4)]
+    for r in agg["paired"]:
+        d = _digits(r["metric"])
+        interval = (f"{r['mean']:+.{d}f} [{r['low']:+.{d}f}, {r['high']:+.{d}f}]" if r["n"] > 1
+                    else f"{r['mean']:+.{d}f}")
+        lines.append("| " + " | ".join([r["cell"][a] for a in axes] + [f"{r['kind']}: {r['metric']}", str(r["n"]),
+                                                                          interval, r["verdict"]]) + " |")
+    return "\n".join(lines)
+
+
+def milestone_table(agg: dict[str, Any]) -> str:
+    """Markdown: per group, the mean ± std of the step at which each milestone was first reached (and by how many)."""
+    labels = list(dict.fromkeys(label for g in agg["rows"] for label in g["milestones"]))
+    if not labels:
+        return ""
+    axes = agg["group_axes"]
+    lines = ["| " + " | ".join(axes + labels) + " |", "|" + "---|" * (len(axes) + len(labels))]
+    for g in agg["rows"]:
+        cells = [g["cell"][a] for a in axes]
+        for label in labels:
+            xs = g["milestones"].get(label, [])
+            hit = [x for x in xs if x is not None]
+            stat = {"n": len(hit), **dict(zip(("mean", "std"), mean_std(hit)))}
+            cells.append(f"{fmt_ms(stat, 0)} ({len(hit)}/{len(xs)} reached)" if xs else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def forest_plots(agg: dict[str, Any], out: Path) -> list[str]:
+    """One PNG per (group of the other axes, metric): each arm's paired difference with its 95% interval."""
+    rows = [r for r in agg["paired"] if r["n"] > 1]
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arm_axis = agg["arm_axis"]
+    others = [a for a in agg["group_axes"] if a != arm_axis]
+    written = []
+    for panel in dict.fromkeys(tuple(r["cell"][a] for a in others) for r in rows):
+        mine = [r for r in rows if tuple(r["cell"][a] for a in others) == panel]
+        series = list(dict.fromkeys(f"{r['kind']}: {r['metric']}" for r in mine))
+        fig, axs = plt.subplots(1, len(series), figsize=(4.5 * len(series), 0.45 * max(4, len(mine) / len(series)) + 1.2),
+                                squeeze=False)
+        for ax, s in zip(axs[0], series):
+            sel = [r for r in mine if f"{r['kind']}: {r['metric']}" == s]
+            ys = list(range(len(sel)))[::-1]
+            for y, r in zip(ys, sel):
+                color = "tab:green" if r["verdict"] == "better" else "tab:red" if r["verdict"] == "worse" else "tab:gray"
+                ax.errorbar([r["mean"]], [y], xerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], fmt="o",
+                            color=color, capsize=3)
+            ax.axvline(0.0, color="black", lw=0.8)
+            ax.set_yticks(ys)
+            ax.set_yticklabels([f"{r['cell'][arm_axis]} (n={r['n']})" for r in sel], fontsize=8)
+            ax.set_xlabel(f"Δ {s} vs {sel[0].get('baseline', 'baseline')}")
+            ax.grid(axis="x", alpha=0.3)
+        written.append(save_panel(fig, out, "forest", others, panel, "paired difference vs baseline, 95% CI"))
+    return written
+
+
+def save_panel(fig: Any, out: Path, prefix: str, axes: Sequence[str], panel: Sequence[str], what: str) -> str:
+    """Title a figure by its panel's axis values, save it as ``<prefix>_<values>.png`` under ``out``, close it."""
+    import matplotlib.pyplot as plt
+
+    title = ", ".join(f"{a}={v}" for a, v in zip(axes, panel)) or "all runs"
+    fig.suptitle(f"{title}: {what}")
+    fig.tight_layout()
+    name = f"{prefix}_" + ("_".join(panel) or "all") + ".png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def unfinished(grid: Optional["Grid"], results: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
+    """(run name, state) of every grid cell without an ``ok`` result: missing, running, failed, timeout, diverged."""
+    by_name = {r["name"]: r["status"] for r in results}
+    names = [c.name for c in grid.cells()] if grid is not None else list(by_name)
+    out = []
+    for name in names:
+        state = by_name.get(name)
+        if state == "ok":
+            continue
+        if state is None:
+            state = "running" if (folder / name / LOCK).is_file() else "not run"
+        out.append((name, state))
+    return out
 
 
 def _alpha_of(args: Sequence[str]) -> Optional[float]:
@@ -662,13 +823,7 @@ def plots(results: list[dict[str, Any]], agg: dict[str, Any], report: dict[str, 
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         axs[0][0].legend(fontsize=7)
-        title = ", ".join(f"{a}={v}" for a, v in zip(panel_axes, panel)) or "all runs"
-        fig.suptitle(f"{title}: mean ± std over {seed_axis or 'runs'}")
-        fig.tight_layout()
-        name = "curves_" + ("_".join(panel) or "all") + ".png"
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(name)
+        written.append(save_panel(fig, out, "curves", panel_axes, panel, f"mean ± std over {seed_axis or 'runs'}"))
 
     # E / E_max at initialisation against alpha (runs that logged emergence_normalised at step 0).
     pts = []
@@ -759,6 +914,18 @@ def cmd_report(args: argparse.Namespace) -> int:
                   + ", ".join(sorted({s['selected_by'] for s in agg['selected']})) + " among its candidates "
                   "(selected on validation data, so its test numbers are not optimistic by selection on test).", ""]
     lines += [markdown_table(agg, report.get("baseline")), ""]
+    if agg["paired"]:
+        lines += [f"## Paired differences vs `{report.get('baseline')}`", "",
+                  "Each arm minus the baseline on the same seeds (only seeds both finished): mean and 95% Student-t "
+                  "interval; \"no detectable effect\" when the interval covers 0.", "", paired_table(agg), ""]
+        figures += forest_plots(agg, out)
+    milestones = milestone_table(agg)
+    if milestones:
+        lines += ["## Steps to reach", "", milestones, ""]
+    missing = unfinished(grid, results, folder)
+    if missing:
+        lines += [f"## Not finished ({len(missing)} runs, not averaged)", "",
+                  ", ".join(f"`{n}` ({s})" for n, s in missing), ""]
     for f in figures:
         lines += [f"![{f}]({f})", ""]
     lines += ["## Commands", "", "Study (as invoked):", "", "```"] + (invocations or ["(not recorded)"]) + ["```", "",
@@ -770,7 +937,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary = {"group_axes": agg["group_axes"], "seed_axis": agg["seed_axis"],
                "rows": [{k: g[k] for k in ("cell", "runs", "status", "stats", "first_stats", "values", "first")}
                         for g in agg["rows"]],
-               "selected": [{k: g[k] for k in ("cell", "stats", "first_stats", "selected_by")} for g in agg["selected"]]}
+               "selected": [{k: g[k] for k in ("cell", "stats", "first_stats", "selected_by")} for g in agg["selected"]],
+               "paired": agg["paired"], "unfinished": [{"name": n, "state": s} for n, s in missing],
+               "milestones": {"spec": agg["milestones"], "rows": [{"cell": g["cell"], "steps": g["milestones"]}
+                                                                   for g in agg["rows"]]}}
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     print(f"wrote {out / 'README.md'}, summary.json" + (", " + ", ".join(figures) if figures else ""))
     return 0

@@ -3,33 +3,40 @@
 Plain functions and two small classes, no framework: each script keeps the accelerate order visible
 in its ``main()`` (accelerator -> seed -> data -> model -> optimizer/scheduler -> prepare -> loop ->
 eval -> save). What lives here: the argument groups both scripts share (transformers' flag names plus
-every ``EmergenceInit`` setting), the init/baseline switch, the per-layer-LR control, an epoch-seeded
-(and optionally length-grouped) batch sampler, atomic checkpoints with exact resume, the metrics log,
-the non-finite-loss guard, offline metrics, and saving/pushing the final model with its card.
+every ``EmergenceInit`` setting) with their range checks and one-line errors, the init/baseline switch, the
+per-layer-LR control, an epoch-seeded (and optionally length-grouped) batch sampler, data loaders that leave the
+global RNG alone, atomic and verified checkpoints with exact resume, clean stops on SIGTERM / SIGINT, the metrics
+log, the non-finite-loss guard, offline metrics, and saving/pushing the final model with its card.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from hf_emergence import EmergenceInit, EmergencePlan
 from hf_emergence.emergence_init import SETTING_CHOICES, SETTING_NAMES
 from hf_emergence import config_overrides as _config_overrides
+from hf_emergence import loading
 from hf_emergence.atomic import atomic_write
 from hf_emergence.card import model_card
 from hf_emergence.hub import HubError, push_folder
@@ -49,10 +56,20 @@ class NonFiniteLoss(Exception):
     """Training diverged; the run stops and the last good checkpoint is kept. Exit code 3."""
 
 
+class Stopped(Exception):
+    """SIGTERM / SIGINT: the run saved a checkpoint at a step boundary and stopped. Exit code 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)``; print a :class:`UsageError` / :class:`NonFiniteLoss` as one line instead of a traceback."""
+    """Run ``main(argv)`` with SIGTERM / SIGINT stopping it cleanly (:func:`stop_if_asked`); print a
+    :class:`UsageError` / :class:`NonFiniteLoss` / :class:`Stopped` as one line instead of a traceback."""
     try:
-        main(argv)
+        with stop_on_signals():
+            main(argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -62,10 +79,70 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
     except HubError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except Stopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        print("error: interrupted (a second signal); the newest complete checkpoint is intact", file=sys.stderr)
+        return 130
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- signals
+_stop_request: dict[str, Any] = {"signum": None, "at": 0.0}
+#: A signal this long after the first one stops at once (sooner, it is the launcher passing the first one on).
+FORCE_AFTER_S = 2.0
+
+
+def _request_stop(signum: int, frame: Any) -> None:  # noqa: ARG001
+    if _stop_request["signum"] is None:
+        _stop_request.update(signum=signum, at=time.monotonic())
+        os.write(2, f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (send it again "
+                    f"more than {FORCE_AFTER_S:g} s later to stop at once)\n".encode())   # no buffered I/O in a handler
+    elif time.monotonic() - _stop_request["at"] > FORCE_AFTER_S:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While training, SIGTERM and SIGINT ask for a clean stop (see :func:`stop_if_asked`) instead of killing the
+    process. ``accelerate launch`` passes both on to its workers (so a worker may see the same Ctrl-C twice);
+    a second signal more than ``FORCE_AFTER_S`` seconds after the first stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    _stop_request.update(signum=None, at=0.0)
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        _stop_request.update(signum=None, at=0.0)
+
+
+def stop_if_asked(accelerator: Accelerator, state: "TrainState", checkpoints: "Checkpoints") -> None:
+    """After an optimizer step: if any process got SIGTERM / SIGINT, every process saves a checkpoint of this step
+    and stops (:class:`Stopped`). The request is max-reduced across processes, so all stop at the same step."""
+    signum = _stop_request["signum"] or 0
+    if accelerator.num_processes > 1:
+        signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), reduction="max"))
+    if not signum:
+        return
+    latest = checkpoints.latest()
+    path = latest if latest is not None and latest.name == checkpoints.name(state) else checkpoints.save(state)
+    raise Stopped(f"{signal.Signals(signum).name} at step {state.completed_steps} (epoch {state.epoch}); saved {path}. "
+                  "Continue with --resume_from_checkpoint latest", signum)
+
+
 # ------------------------------------------------------------------------------------------- arguments
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a :class:`UsageError`, exit code 2 in :func:`run_cli`), no usage dump."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def steps_or_epoch(value: str) -> int | str:
     """argparse type for --checkpointing_steps / --eval_steps: a positive integer or "epoch"."""
     if value == "epoch":
@@ -134,7 +211,10 @@ def add_run_args(parser: argparse.ArgumentParser, default_output_dir: str) -> No
     g.add_argument("--eval_steps", type=steps_or_epoch, default="epoch", help="evaluate every N steps or each epoch")
     g.add_argument("--checkpointing_steps", type=steps_or_epoch, default=None, help="save state every N steps or each epoch")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
-    g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest" in --output_dir')
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='a checkpoint folder, or "latest": the newest intact one in --output_dir (none yet: start)')
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start afresh in an --output_dir that holds a finished run or checkpoints (they are replaced)")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--with_tracking", action="store_true", help="also log to Accelerate trackers (--report_to)")
     g.add_argument("--report_to", default="all")
@@ -154,20 +234,64 @@ def add_diagnostics_args(parser: argparse.ArgumentParser) -> None:
                         "and at every evaluation")
 
 
+#: (test, what is expected) for the range checks of :func:`check_ranges`.
+Rule = tuple[Callable[[Any], bool], str]
+AT_LEAST_1: Rule = (lambda v: v >= 1, ">= 1")
+AT_LEAST_0: Rule = (lambda v: v >= 0, ">= 0")
+POSITIVE: Rule = (lambda v: math.isfinite(v) and v > 0, "a positive number")
+NON_NEGATIVE: Rule = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+FRACTION: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+#: The shared flags' ranges (and the data flags both scripts have); each script adds its own rows.
+SHARED_RULES: dict[str, Rule] = {
+    "per_device_train_batch_size": AT_LEAST_1, "per_device_eval_batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1, "learning_rate": POSITIVE, "max_train_steps": AT_LEAST_1,
+    "num_train_epochs": POSITIVE, "num_warmup_steps": AT_LEAST_0, "weight_decay": NON_NEGATIVE,
+    "momentum": FRACTION, "adam_beta2": FRACTION, "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "logging_steps": AT_LEAST_1, "checkpoints_total_limit": AT_LEAST_1, "num_threads": AT_LEAST_1,
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "max_train_samples": AT_LEAST_1, "max_eval_samples": AT_LEAST_1,
+}
+
+
+def check_ranges(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
+    """``--name must be <expected>, got <value>`` for the first flag outside its range (flags left at None pass)."""
+    for name, (ok, expected) in rules.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise UsageError(f"--{name} must be {expected}, got {value}")
+
+
 def check_common_args(args: argparse.Namespace) -> None:
-    """Combination checks for the shared flags (done at the end of each script's parse_args)."""
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
-        raise UsageError(f"--learning_rate must be a positive number, got {args.learning_rate}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise UsageError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    """Combination checks for the shared flags (done at the end of each script's parse_args), including the
+    output folder: everything is checked before anything is read or written."""
+    check_ranges(args, SHARED_RULES)
     if args.push_to_hub and not args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id (e.g. your-name/marian-emergence)")
     if args.per_device_eval_batch_size is None:
         args.per_device_eval_batch_size = 2 * args.per_device_train_batch_size
     emergence_settings(args)  # validates the init flags now, before any data is read
+    check_output_dir(args)
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """``--output_dir`` must be a folder, or not exist yet. (Whether a fresh run may replace what the folder holds
+    is decided by :meth:`Checkpoints.resolve`, first thing in ``main``.)"""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file, not a folder")
+
+
+def previous_run(out: Path) -> Optional[str]:
+    """What a fresh run in ``out`` would destroy: a finished run, or checkpoints; None when there is nothing to lose."""
+    if (out / "all_results.json").is_file():
+        return "a finished run (all_results.json)"
+    steps = Checkpoints.complete_in(out / "checkpoints")
+    if steps:
+        return f"a run with checkpoints up to {steps[-1].name}"
+    log = out / "metrics.jsonl"
+    if log.is_file() and '"final": true' in log.read_text(errors="replace"):
+        return "a finished run (metrics.jsonl has its final record)"
+    return None
 
 
 # ------------------------------------------------------------------------------------ config overrides
@@ -180,10 +304,19 @@ def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
 
 
 def apply_config_overrides(config: Any, text: Optional[str]) -> Any:
-    """Set each override on ``config``; an unknown key or rejected value is a UsageError naming the model type and key."""
+    """Set each override on ``config`` (:func:`hf_emergence.loading.apply_overrides`, as the CLI does); an unknown key,
+    a rejected value or per-stage lists that no longer fit together are a UsageError naming the model type and key."""
     try:
-        return _config_overrides.apply_config_overrides(config, text)
-    except _config_overrides.ConfigOverrideError as err:
+        return loading.apply_overrides(config, text)
+    except loading.LoadError as err:
+        raise UsageError(str(err)) from None
+
+
+def load_pretrained(name_or_path: str, auto_class: Any) -> Any:
+    """``--model_name_or_path``: a saved model folder (checked as the CLI checks it) or a Hub id, with ``auto_class``."""
+    try:
+        return loading.load_pretrained(name_or_path, auto_class, flag="--model_name_or_path", local_only=False)
+    except loading.LoadError as err:
         raise UsageError(str(err)) from None
 
 
@@ -282,6 +415,18 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         full, rest = divmod(self.num_items, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
+
+
+def data_loader(dataset: Any, **kwargs: Any) -> DataLoader:
+    """A ``DataLoader`` with a ``torch.Generator`` of its own.
+
+    Starting an iteration draws the workers' base seed from the loader's generator, or, without one, from the
+    global torch RNG, which is also what dropout draws from and what a checkpoint saves. A run resumed mid-epoch
+    starts one more iteration (``skip_first_batches``) than the uninterrupted run did by then, so every later
+    dropout mask would be shifted by one draw; with its own generator, iterating never touches the global RNG.
+    (accelerate's ``prepare`` and ``skip_first_batches`` keep the loader's generator.)
+    """
+    return DataLoader(dataset, generator=torch.Generator(device=torch.get_default_device()), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- optimisation
@@ -415,27 +560,52 @@ class TrainState:
     recorded: dict[str, Any] = field(default_factory=dict)   # values measured once, e.g. accuracy after epoch 1
 
 
-class Checkpoints:
-    """Atomic checkpoints under ``<output_dir>/checkpoints``.
+TRAIN_STATE, MANIFEST, MODEL_CONFIG = "train_state.json", "manifest.json", "model_config.json"
+#: Config keys that differ between runs of the same model and are not compared on resume.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
 
-    ``save`` writes ``step_N.tmp`` with ``accelerator.save_state`` plus ``train_state.json``, renames it to
-    ``step_N`` only when complete, then atomically rewrites the ``latest`` pointer; a kill at any point
-    leaves the previous checkpoint and pointer intact. Older checkpoints beyond ``total_limit`` are removed.
+
+class Checkpoints:
+    """Atomic, verified checkpoints under ``<output_dir>/checkpoints``.
+
+    ``save`` writes ``step_N.tmp`` with ``accelerator.save_state`` plus ``train_state.json``, the model's config and
+    a ``manifest.json`` (size and SHA-256 of every file), renames it to ``step_N`` only when complete, then
+    atomically rewrites the ``latest`` pointer; a kill at any point leaves the previous checkpoint and pointer
+    intact. Older checkpoints beyond ``total_limit`` are removed (only ones older than the step just saved).
+
+    ``resolve("latest")`` takes the checkpoint the pointer names, else the newest complete one, and verifies it
+    against its manifest before use: a missing, truncated or altered file makes it fall back to the previous
+    complete checkpoint with a warning naming the file. A run asked to resume never starts from step 0 while a
+    checkpoint or a finished run is there (unless ``overwrite``), and nothing of it is deleted.
     """
 
-    def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, total_limit: int = 2):
+    def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, total_limit: int = 2,
+                 overwrite: bool = False):
         self.accelerator, self.root, self.total_limit = accelerator, Path(output_dir) / "checkpoints", total_limit
+        self.overwrite = overwrite
+
+    @staticmethod
+    def name(state: TrainState) -> str:
+        return f"step_{state.completed_steps:08d}"
+
+    @staticmethod
+    def complete_in(root: Path) -> list[Path]:
+        """The complete (renamed) checkpoint folders under ``root``, oldest first (names sort by step)."""
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
     def latest(self) -> Optional[Path]:
+        """The checkpoint the ``latest`` pointer names, if that folder holds a training state (not verified)."""
         pointer = self.root / "latest"
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
-        return path if (path / "train_state.json").is_file() else None
+        return path if (path / TRAIN_STATE).is_file() else None
 
     def save(self, state: TrainState) -> Path:
         acc = self.accelerator
-        final = self.root / f"step_{state.completed_steps:08d}"
+        final = self.root / self.name(state)
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -444,7 +614,11 @@ class Checkpoints:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            atomic_write(tmp / "train_state.json", json.dumps(asdict(state), indent=1))
+            atomic_write(tmp / TRAIN_STATE, json.dumps(asdict(state), indent=1))
+            config = self._model_config()
+            if config is not None:
+                atomic_write(tmp / MODEL_CONFIG, json.dumps(config, indent=1, sort_keys=True))
+            atomic_write(tmp / MANIFEST, json.dumps(manifest(tmp), indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -454,27 +628,235 @@ class Checkpoints:
         return final
 
     def _prune(self, keep: Path) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        """Remove complete checkpoints older than the newest ``total_limit`` up to ``keep``, and unfinished saves.
+        Newer ones (left by a run that resumed from an earlier step) stay until this run overwrites them."""
+        done = [p for p in self.complete_in(self.root) if p.name <= keep.name]
         for old in done[: max(0, len(done) - max(1, self.total_limit))]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
 
+    def clear(self) -> None:
+        """A fresh start: remove the checkpoints of the run being replaced (``--overwrite_output_dir``)."""
+        if self.accelerator.is_main_process and self.root.is_dir():
+            for path in self.root.glob("step_*"):
+                shutil.rmtree(path, ignore_errors=True)
+            (self.root / "latest").unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    # ---- choosing and verifying ---------------------------------------------------------------------
     def resolve(self, resume_from: Optional[str]) -> Optional[Path]:
-        """The checkpoint to resume from: None, "latest" (None if there is none yet) or an explicit folder."""
+        """The checkpoint to resume from: None (a fresh start), "latest" (the newest intact one, None if there is
+        none yet) or an explicit folder (verified; a bad file is a UsageError naming it)."""
         if resume_from is None:
-            return None
-        if resume_from == "latest":
-            return self.latest()
+            return self._on_main(self._fresh_start)
+        return self._on_main(lambda: self._newest_intact() if resume_from == "latest" else self._explicit(resume_from))
+
+    def _fresh_start(self) -> None:
+        held = previous_run(self.root.parent)
+        if held and not self.overwrite:
+            raise UsageError(f"--output_dir {self.root.parent} already holds {held}: pass --resume_from_checkpoint latest "
+                             "to continue it, or --overwrite_output_dir to start again (replacing its checkpoints and "
+                             "metrics.jsonl)")
+
+    def _explicit(self, resume_from: str) -> Path:
         path = Path(resume_from)
-        if not (path / "train_state.json").is_file():
-            raise UsageError(f"--resume_from_checkpoint {resume_from}: not a checkpoint folder (no train_state.json)")
+        if not (path / TRAIN_STATE).is_file():
+            raise UsageError(f"--resume_from_checkpoint {resume_from}: not a checkpoint folder (no {TRAIN_STATE})")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UsageError(f"--resume_from_checkpoint {resume_from}: {problem}")
         return path
 
+    def _newest_intact(self) -> Optional[Path]:
+        pointer = self.root / "latest"
+        named = self.root / pointer.read_text().strip() if pointer.is_file() else None
+        candidates = ([named] if named is not None else []) + \
+            [p for p in reversed(self.complete_in(self.root)) if p != named]
+        passed = []
+        for path in candidates:
+            problem = f"{path.name} is missing" if not path.is_dir() else checkpoint_problem(path)
+            if problem is None:
+                if passed:
+                    logger.warning("resuming from %s instead: %s", path, "; ".join(passed))
+                return path
+            passed.append(problem if problem.startswith(path.name) else f"{path.name}: {problem}")
+        held = previous_run(self.root.parent)
+        if not passed and held is None:
+            return None                                              # nothing yet: the first start
+        found = f"no intact checkpoint in {self.root.parent} ({'; '.join(passed)})" if passed else \
+            f"{self.root.parent} holds {held} but no checkpoint"
+        if self.overwrite:
+            logger.warning("--resume_from_checkpoint latest: %s; starting again (--overwrite_output_dir)", found)
+            return None
+        raise UsageError(f"--resume_from_checkpoint latest: {found}; nothing was changed. "
+                         "Pass --overwrite_output_dir to start again")
+
+    def _on_main(self, decide: Callable[[], Any]) -> Any:
+        """Run ``decide`` on the main process only (it reads every file) and give its result, or its UsageError,
+        to every process."""
+        acc = self.accelerator
+        outcome: Any = None
+        if acc.is_main_process:
+            try:
+                outcome = ("ok", decide())
+            except UsageError as err:
+                outcome = ("error", str(err))
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            outcome = broadcast_object_list([outcome])[0]
+        if outcome[0] == "error":
+            raise UsageError(outcome[1])
+        return outcome[1]
+
+    # ---- loading ---------------------------------------------------------------------------------------
     def load(self, path: Path) -> TrainState:
-        self.accelerator.load_state(str(path))
-        return TrainState(**json.loads((path / "train_state.json").read_text()))
+        """Restore model, optimizer, scheduler and RNG states; a checkpoint of another model is a UsageError
+        saying which config settings differ."""
+        self._on_main(lambda: self._check_model(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as err:  # noqa: BLE001 - torch, safetensors and pickle errors share no base class
+            raise UsageError(f"cannot load checkpoint {path}: {type(err).__name__}: {loading.first_line(err, 200)}") from None
+        return TrainState(**json.loads((path / TRAIN_STATE).read_text()))
+
+    def _model(self) -> Optional[nn.Module]:
+        models = getattr(self.accelerator, "_models", [])
+        return self.accelerator.unwrap_model(models[0]) if models else None
+
+    def _model_config(self) -> Optional[dict[str, Any]]:
+        """The model's config as JSON values (saved in each checkpoint, compared on resume)."""
+        config = getattr(self._model(), "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            return None
+        return json.loads(json.dumps(config.to_dict(), default=str))
+
+    def _check_model(self, path: Path) -> None:
+        model, weights = self._model(), path / "model.safetensors"
+        if model is None:
+            return
+        saved_config = json.loads((path / MODEL_CONFIG).read_text()) if (path / MODEL_CONFIG).is_file() else None
+        differ = config_differences(saved_config, self._model_config()) if saved_config is not None else []
+        mismatch = None
+        sharded = getattr(self.accelerator.state, "fsdp_plugin", None) or getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if weights.is_file() and not sharded:           # FSDP / ZeRO hold other shapes locally: load_state checks
+            here = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            for key, shape in loading.safetensors_shapes(weights).items():
+                if key not in here:
+                    mismatch = f"{key} is in the checkpoint, not in this model"
+                    break
+                if here[key] != shape:
+                    mismatch = f"{key} is {list(shape)} there and {list(here[key])} here"
+                    break
+        if mismatch:
+            settings = f"settings that differ (checkpoint -> this run): {', '.join(differ)}; " if differ else ""
+            raise UsageError(f"--resume_from_checkpoint {path} holds a different model: {settings}{mismatch}. "
+                             "Resume with the model settings it was saved with")
+        if differ:
+            logger.warning("resuming %s with settings that differ from the checkpoint's (checkpoint -> this run): %s",
+                           path, ", ".join(differ))
+
+
+def config_differences(saved: dict[str, Any], current: Optional[dict[str, Any]], limit: int = 6) -> list[str]:
+    """``key saved -> current`` for the config values that differ (the emergence settings compared as settings)."""
+    if current is None:
+        return []
+
+    def comparable(config: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+        if isinstance(out.get("emergence_init"), dict):
+            out["emergence_init"] = {k: v for k, v in out["emergence_init"].items() if k in SETTING_NAMES}
+        return out
+
+    a, b = comparable(saved), comparable(current)
+    differ = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return differ[:limit] + ([f"and {len(differ) - limit} more"] if len(differ) > limit else [])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, Any]:
+    """Size and SHA-256 of every file under ``folder`` (except the manifest itself), by relative path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}}
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint folder ``path`` cannot be resumed from, naming the bad file; None if it is intact.
+
+    Checked: ``train_state.json`` is a training state; every file the ``manifest.json`` written at save time lists
+    exists with its size and SHA-256. Checkpoints from before manifests are checked for their structure instead:
+    safetensors headers against file sizes, and torch-saved files (``*.bin``, ``*.pkl``) as zip archives with
+    their CRCs.
+    """
+    state_file = path / TRAIN_STATE
+    if not state_file.is_file():
+        return f"{TRAIN_STATE} is missing"
+    try:
+        state = json.loads(state_file.read_text())
+        TrainState(**state)
+        if not all(isinstance(state.get(k), int) and state[k] >= 0
+                   for k in ("completed_steps", "epoch", "batches_in_epoch", "samples_seen")):
+            raise TypeError("counters must be integers >= 0")
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        return f"{TRAIN_STATE} is not a training state ({loading.first_line(err, 120)})"
+    if (path / MANIFEST).is_file():
+        try:
+            listed = json.loads((path / MANIFEST).read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for rel, expected in listed.items():
+            file = path / rel
+            if not file.is_file():
+                return f"{rel} is missing"
+            size = file.stat().st_size
+            if size != expected["size"]:
+                return f"{rel} has {size} bytes, {expected['size']} when saved"
+            if sha256(file) != expected["sha256"]:
+                return f"{rel} was changed after it was saved (SHA-256 differs)"
+        return None
+    return _structure_problem(path)
+
+
+def _structure_problem(path: Path) -> Optional[str]:
+    """The checks for a checkpoint written without a manifest."""
+    if not any(path.glob("model*.safetensors")) and not any(path.glob("pytorch_model*")):
+        return "the model weights (model.safetensors) are missing"
+    for file in sorted(path.glob("*.safetensors")):
+        problem = loading.safetensors_problem(file)
+        if problem:
+            return problem
+    for file in sorted([*path.glob("*.bin"), *path.glob("*.pkl")]):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return f"{file.name} is truncated or not a torch-saved file"
+        if bad is not None:
+            return f"{file.name} is corrupt (member {bad} fails its CRC)"
+    return None
+
+
+def start_run(accelerator: Accelerator, args: argparse.Namespace, checkpoints: Checkpoints,
+              resume_path: Optional[Path]) -> tuple[TrainState, "MetricsLog"]:
+    """The training state and the metrics log: a checkpoint's (the log keeps its records up to that step), or
+    step 0 (the checkpoints of a run that ``--overwrite_output_dir`` replaces are removed now, not earlier)."""
+    if resume_path is not None:
+        state = checkpoints.load(resume_path)
+        logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.completed_steps, state.epoch)
+    else:
+        state = TrainState()
+        checkpoints.clear()
+    log = MetricsLog(accelerator, args.output_dir, args.with_tracking, state.completed_steps if resume_path else None)
+    return state, log
 
 
 def is_due(every: int | str | None, state: TrainState, epoch_end: bool) -> bool:

@@ -177,34 +177,42 @@ class EmergencePlan:
             by_chain.setdefault(row["chain"], []).append(row["k"])
         return min((middle_shrink(alpha, ks, mode) for ks in by_chain.values()), default=1.0)
 
-    def __str__(self) -> str:
+    def heading(self) -> str:
+        """The first line of the printed plan: the model, the settings and where the layers came from."""
         s = self.settings
-        head = (f"EmergencePlan for {self.model}: alpha={s['alpha']} scale_mode={s.get('scale_mode')} "
+        return (f"EmergencePlan for {self.model}: alpha={s['alpha']} scale_mode={s.get('scale_mode')} "
                 f"base_init={self.base_init} layer_unit={self.layer_unit} chain={s.get('chain')} "
                 f"attention={s.get('attention')} (layers from {self.source})")
-        rows = self.layers()
-        width = max([len(r["block"]) for r in rows] + [5])
-        cw = max([len(r["chain"]) for r in rows] + [5])
-        lines = [head, f"{'chain':<{cw}} {'layer':>5}  {'block':<{width}} {'k':>6} {'factor':>9} {'tensors':>7} {'params':>11}"]
-        for r in rows:
-            lines.append(f"{r['chain']:<{cw}} {r['layer']:>5}  {r['block']:<{width}} {format_k(r['k']):>6} {r['factor']:>9.4f} "
-                         f"{r['tensors']:>7} {r['params']:>11,}")
+
+    def summary(self) -> list[str]:
+        """The lines printed under the layer table: what is scaled, the smallest activation scale, the notes and
+        the weights left alone, grouped by reason."""
         scaled = [e for e in self.entries if e.scaled]
         kept = [e for e in self.entries if e.layer is None]
-        tail = (f"{len(scaled)} tensors ({sum(e.numel for e in scaled):,} params) scaled across {len(rows)} layers "
-                f"in {len(self.chains)} chain(s)")
+        tail = (f"{len(scaled)} tensors ({sum(e.numel for e in scaled):,} params) scaled across {len(self.layers())} "
+                f"layers in {len(self.chains)} chain(s)")
         if kept:
             tail += f"; {len(kept)} tensors keep their scale ({', '.join(sorted({e.role for e in kept}))})"
-        lines.append(tail)
-        lines.append(f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}")
-        lines.extend(f"note: {n}" for n in self.notes)
+        lines = [tail, f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}",
+                 *(f"note: {n}" for n in self.notes)]
         if self.left_out:
             by_reason = Counter(r for _, r in self.left_out)
             lines.append(f"left alone: {len(self.left_out)} weight(s) (>= 2-d), by reason:")
             for reason, n in by_reason.most_common():
                 names = [name for name, r in self.left_out if r == reason]
                 lines.append(f"  {n:>4}  {reason}: {', '.join(names[:3])}" + (" ..." if n > 3 else ""))
-        return "\n".join(lines)
+        return lines
+
+    def __str__(self) -> str:
+        rows = self.layers()
+        width = max([len(r["block"]) for r in rows] + [5])
+        cw = max([len(r["chain"]) for r in rows] + [5])
+        lines = [self.heading(),
+                 f"{'chain':<{cw}} {'layer':>5}  {'block':<{width}} {'k':>6} {'factor':>9} {'tensors':>7} {'params':>11}"]
+        for r in rows:
+            lines.append(f"{r['chain']:<{cw}} {r['layer']:>5}  {r['block']:<{width}} {format_k(r['k']):>6} {r['factor']:>9.4f} "
+                         f"{r['tensors']:>7} {r['params']:>11,}")
+        return "\n".join(lines + self.summary())
 
     def __repr__(self) -> str:
         return f"EmergencePlan(model={self.model!r}, entries={len(self.entries)}, chains={self.chains})"

@@ -270,3 +270,53 @@ def test_parallel_workers_share_a_study_folder(tmp_path):
     # --max_runs counts runs executed, not runs skipped because another worker holds them
     assert study.main(["run", str(grid), "--out", str(out), "--max_runs", "1"]) == 0
     assert len([p for p in out.glob("*/study_result.json")]) == 3
+
+
+def test_paired_differences_match_a_hand_computed_t_interval(tmp_path):
+    """Δ = arm - baseline per seed, mean ± t(0.975, n-1) * sd / sqrt(n); the interval decides the reading."""
+    import paired
+
+    assert paired.t_quantile(0.975, 4) == pytest.approx(2.7764451, abs=1e-6)     # tables: 2.776
+    assert paired.t_quantile(0.975, 9) == pytest.approx(2.2621572, abs=1e-6)     # 2.262
+    assert paired.t_quantile(0.975, 3) == pytest.approx(3.1824463, abs=1e-6)     # 3.182
+    assert paired.t_cdf(0.0, 3) == pytest.approx(0.5)
+
+    def run(arm, seed, v, status="ok"):
+        return {"name": f"arm-{arm}__seed-{seed}", "axes": ["arm", "seed"], "cell": {"arm": arm, "seed": str(seed)},
+                "status": status, "all_results": {"val": v}, "curve": []}
+
+    base = {1: 10.0, 2: 11.0, 3: 12.0, 4: 10.5}
+    noisy = {1: 10.4, 2: 10.9, 3: 12.9, 4: 10.4}
+    shifted = {1: 11.0, 2: 12.1, 3: 12.9, 4: 11.6}
+    results = ([run("base", s, v) for s, v in base.items()] + [run("noisy", s, v) for s, v in noisy.items()]
+               + [run("shifted", s, v) for s, v in shifted.items() if s != 4] + [run("shifted", 4, 0.0, "failed")])
+    agg = study.aggregate(results, {"metrics": ["val"], "baseline": "base"})
+    rows = {r["cell"]["arm"]: r for r in agg["paired"]}
+    d = np.array([noisy[s] - base[s] for s in (1, 2, 3, 4)])
+    half = 3.1824463 * d.std(ddof=1) / np.sqrt(4)                               # 4 pairs: 3 degrees of freedom
+    assert rows["noisy"]["n"] == 4 and rows["noisy"]["mean"] == pytest.approx(d.mean())
+    assert rows["noisy"]["low"] == pytest.approx(d.mean() - half, abs=1e-6)
+    assert rows["noisy"]["verdict"] == "no detectable effect"
+    assert rows["shifted"]["n"] == 3 and rows["shifted"]["seeds"] == ["1", "2", "3"]   # the failed seed is not paired
+    assert rows["shifted"]["verdict"] == "better" and rows["shifted"]["low"] > 0
+    text = study.paired_table(agg)
+    assert "no detectable effect" in text and "| shifted | final: val | 3 |" in text
+
+
+def test_report_lists_unfinished_runs_and_milestones(tmp_path):
+    grid = write_grid(tmp_path, report={"metrics": ["val_score"], "baseline": "base",
+                                        "milestones": {"metric": "validation_score", "values": [5, 15]}})
+    out = tmp_path / "study"
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "seed-(1|2)"]) == 0
+    report = tmp_path / "report"
+    assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
+    text = (report / "README.md").read_text()
+    assert "## Not finished (2 runs, not averaged)" in text
+    assert "`arm-base__seed-3` (not run)" in text and "`arm-better__seed-3` (not run)" in text
+    # base: score = 10 + 0.37 * (seed % 7) reaches 5 at step 20 (score * 20/30 >= 5) and 15 never; better reaches 15 at 30
+    assert "| base | 20 ± 0 (2/2 reached) | – (0/2 reached) |" in text
+    assert "| better | 10 ± 0 (2/2 reached) | 30 ± 0 (2/2 reached) |" in text
+    assert (report / "forest_all.png").stat().st_size > 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert [u["name"] for u in summary["unfinished"]] == ["arm-base__seed-3", "arm-better__seed-3"]
+    assert json.loads((out / "arm-base__seed-1" / study.RESULT).read_text())["code_version"]["commit"]

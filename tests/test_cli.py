@@ -40,13 +40,10 @@ def _env() -> dict:
 
 
 def _run(*args: str, script: bool = False) -> subprocess.CompletedProcess:
-    if script:
-        exe = Path(sys.executable).with_name("hf-emergence")
-        if not exe.exists():
-            pytest.skip("the hf-emergence console script is not installed (pip install -e .)")
-        cmd = [str(exe), *args]
-    else:
-        cmd = [sys.executable, "-m", "hf_emergence", *args]
+    """``python -m hf_emergence ...``; with ``script``, the installed ``hf-emergence`` console script where
+    ``pip install -e .`` put one next to this interpreter (never a skip when it did not)."""
+    exe = Path(sys.executable).with_name("hf-emergence")
+    cmd = [str(exe) if script and exe.exists() else sys.executable, *([] if script and exe.exists() else ["-m", "hf_emergence"]), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=300)
 
 
@@ -378,3 +375,22 @@ def test_warnings_are_one_line(tmp_path, capsys):
                              "--alpha", "0.9", "--plan_only")
     assert code == 0
     assert err.strip().splitlines() == ["warning: alpha=0.9 < 1 reverses the schedule: early layers grow and late layers shrink"]
+
+
+def test_per_stage_config_check_accepts_every_default_config_and_catches_a_shortened_list():
+    from transformers import CONFIG_MAPPING
+
+    from hf_emergence.loading import LoadError, apply_overrides, check_config
+
+    for model_type, config_class in CONFIG_MAPPING.items():
+        try:
+            config = config_class()
+        except Exception:  # noqa: BLE001 - composite configs that need sub-configs
+            continue
+        assert check_config(config) is config, model_type
+    for model_type, bad, good in [("resnet", "depths=[1]", "depths=[1,1],hidden_sizes=[8,16]"),
+                                  ("convnext", "depths=[1,1],hidden_sizes=[8,16]", "depths=[1,1],hidden_sizes=[8,16],num_stages=2"),
+                                  ("swin", "depths=[2,2]", "depths=[2,2],num_heads=[2,4]")]:
+        with pytest.raises(LoadError, match=f"the {model_type} config's per-stage settings do not fit together"):
+            apply_overrides(AutoConfig.for_model(model_type), bad)
+        apply_overrides(AutoConfig.for_model(model_type), good)

@@ -25,7 +25,7 @@ from hf_emergence.hub import HubError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
+    p = common.ArgumentParser(prog="run.py")
     common.add_model_args(p, ["marian", "bart"], "marian")
     common.add_init_args(p)
     common.add_training_args(p, batch_size=8, learning_rate=1e-3, epochs=2, weight_decay=0.01, warmup=3, scheduler="linear")
@@ -92,6 +92,16 @@ def test_check_common_args_fills_eval_batch_and_rejects_bad_values():
                           (["--learning_rate=-1e-3"], "--learning_rate must be a positive number"),
                           (["--max_train_steps", "0"], "--max_train_steps must be >= 1, got 0"),
                           (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+                          (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be >= 1, got 0"),
+                          (["--logging_steps", "0"], "--logging_steps must be >= 1, got 0"),
+                          (["--num_warmup_steps", "-5"], "--num_warmup_steps must be >= 0, got -5"),
+                          (["--num_train_epochs", "-1"], "--num_train_epochs must be a positive number, got -1.0"),
+                          (["--weight_decay", "inf"], "--weight_decay must be a finite number >= 0, got inf"),
+                          (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+                          (["--max_grad_norm=-1"], "--max_grad_norm must be >= 0 (0 disables clipping), got -1.0"),
+                          (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1, got 0"),
+                          (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+                          (["--output_dir", __file__], f"--output_dir {__file__} is a file, not a folder"),
                           (["--alpha", "0"], "alpha=0.0 is invalid"),
                           (["--exclude", "("], "not a valid regular expression")]:
         with pytest.raises(UsageError) as info:
@@ -484,3 +494,205 @@ def test_save_final_for_a_plain_module(accelerator, tmp_path):
     assert json.loads((out / "config.json").read_text()) == {"widths": [6, 8]}
     card = (out / "README.md").read_text()
     assert "# mlp (emergence init)" in card and "| accuracy | 0.25 |" in card and "| `max_train_steps` | `4` |" in card
+
+
+# ------------------------------------------------------------------------------------ argparse errors
+def test_argparse_errors_are_one_usage_error_without_the_usage_dump(capsys):
+    for argv, message in [(["--model_type", "gpt"], "argument --model_type: invalid choice: 'gpt'"),
+                          (["--learning_rate", "fast"], "argument --learning_rate: invalid float value: 'fast'"),
+                          (["--checkpointing_steps", "0"], "expected a positive integer or 'epoch', got '0'"),
+                          (["--bogus"], "unrecognized arguments: --bogus")]:
+        with pytest.raises(UsageError) as info:
+            _parser().parse_args(argv)
+        assert message in str(info.value) and str(info.value).endswith("(see run.py --help)"), argv
+        assert "\n" not in str(info.value) and capsys.readouterr().err == ""        # nothing printed, no usage
+
+
+# ------------------------------------------------------------------------------------------ data loaders
+def test_data_loader_iteration_leaves_the_global_rng_alone(accelerator):
+    """The root cause of inexact resumes with dropout: a DataLoader without a generator draws the workers' base
+    seed from the global torch RNG each time an iteration starts, and a resume starts one extra iteration."""
+    sampler = EpochBatchSampler(20, 4, seed=0)
+
+    def draws(loader):
+        before = torch.get_rng_state()
+        batches = [b.tolist() for b in loader]
+        return batches, not torch.equal(before, torch.get_rng_state())
+
+    plain = accelerator.prepare(DataLoader(list(range(20)), batch_sampler=sampler))
+    own = accelerator.prepare(common.data_loader(list(range(20)), batch_sampler=sampler))
+    assert draws(plain)[1] is True                                    # what shifted every later dropout mask
+    batches, moved = draws(own)
+    assert not moved and batches == list(sampler)
+    assert draws(accelerator.skip_first_batches(own, 2)) == (batches[2:], False)
+    assert draws(accelerator.prepare(common.data_loader(list(range(7)), batch_size=3)))[1] is False
+
+
+# ------------------------------------------------------------------------------------ verified checkpoints
+def _saved(accelerator, tmp_path, steps=(1, 2), total_limit=3):
+    _prepared(accelerator)
+    ckpts = Checkpoints(accelerator, tmp_path, total_limit=total_limit)
+    for step in steps:
+        ckpts.save(TrainState(completed_steps=step, epoch=0, batches_in_epoch=step))
+    return ckpts, tmp_path / "checkpoints"
+
+
+def _truncate(path: Path, keep: int = 40) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+CORRUPTIONS = {   # name -> (damage to step 2, what the warning / error names)
+    "truncated_weights": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors has 40 bytes"),
+    "truncated_optimizer": (lambda d: _truncate(d / "optimizer.bin"), "optimizer.bin has 40 bytes"),
+    "missing_weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+    "invalid_train_state": (lambda d: (d / "train_state.json").write_text('{"completed_steps": "two"'),
+                            "train_state.json is not a training state"),
+    "garbage_rng_state": (lambda d: (d / "random_states_0.pkl").write_bytes(
+        b"\x00" * (d / "random_states_0.pkl").stat().st_size), "random_states_0.pkl was changed after it was saved"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(case, accelerator, tmp_path, caplog):
+    ckpts, root = _saved(accelerator, tmp_path)
+    damage, named = CORRUPTIONS[case]
+    damage(root / "step_00000002")
+    before = sorted(p.name for p in root.iterdir())
+    with caplog.at_level("WARNING", logger="hf_emergence.examples"):
+        assert ckpts.resolve("latest") == root / "step_00000001"
+    assert f"resuming from {root / 'step_00000001'} instead: step_00000002" in caplog.text and named in caplog.text
+    with pytest.raises(UsageError) as info:                      # named explicitly: stop with one line
+        ckpts.resolve(str(root / "step_00000002"))
+    assert named in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in root.iterdir()) == before     # nothing deleted
+    assert ckpts.load(root / "step_00000001").completed_steps == 1
+
+
+def test_checkpoints_without_a_manifest_are_checked_for_their_structure(accelerator, tmp_path):
+    ckpts, root = _saved(accelerator, tmp_path, steps=(1,))
+    step = root / "step_00000001"
+    (step / "manifest.json").unlink()                            # as written before manifests existed
+    assert common.checkpoint_problem(step) is None
+    for damage, named in [(lambda: _truncate(step / "random_states_0.pkl", 100), "random_states_0.pkl is truncated"),
+                          (lambda: _truncate(step / "model.safetensors", 60), "model.safetensors is truncated"),
+                          (lambda: (step / "model.safetensors").unlink(), "the model weights (model.safetensors) are missing")]:
+        damage()
+        assert named in common.checkpoint_problem(step)
+
+
+def test_latest_names_a_missing_step_while_older_ones_exist(accelerator, tmp_path, caplog):
+    ckpts, root = _saved(accelerator, tmp_path, steps=(1, 2))
+    (root / "latest").write_text("step_00000009")
+    with caplog.at_level("WARNING", logger="hf_emergence.examples"):
+        assert ckpts.resolve("latest") == root / "step_00000002"
+    assert "step_00000009 is missing" in caplog.text
+
+
+def test_no_intact_checkpoint_stops_with_one_line_and_changes_nothing(accelerator, tmp_path):
+    ckpts, root = _saved(accelerator, tmp_path, steps=(1, 2))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n')
+    for step in ("step_00000001", "step_00000002"):
+        _truncate(root / step / "model.safetensors")
+    with pytest.raises(UsageError) as info:
+        ckpts.resolve("latest")
+    message = str(info.value)
+    assert message.startswith(f"--resume_from_checkpoint latest: no intact checkpoint in {tmp_path} (step_00000002: ")
+    assert "step_00000001: model.safetensors has 40 bytes" in message and "--overwrite_output_dir" in message
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 2, "loss": 1.0}\n'
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    # a finished run without checkpoints is not restarted either
+    (tmp_path / "finished").mkdir()
+    (tmp_path / "finished" / "all_results.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"finished holds a finished run \(all_results.json\) but no checkpoint; nothing"):
+        Checkpoints(accelerator, tmp_path / "finished").resolve("latest")
+    assert Checkpoints(accelerator, tmp_path / "finished", overwrite=True).resolve("latest") is None
+    assert Checkpoints(accelerator, tmp_path / "new").resolve("latest") is None      # nothing yet: the first start
+
+
+def test_a_fresh_run_never_replaces_a_finished_run_or_checkpoints(accelerator, tmp_path):
+    ckpts, root = _saved(accelerator, tmp_path / "run", steps=(1,))
+    with pytest.raises(UsageError) as info:
+        ckpts.resolve(None)
+    assert str(info.value).startswith(f"--output_dir {tmp_path / 'run'} already holds a run with checkpoints up to "
+                                      "step_00000001: pass --resume_from_checkpoint latest")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "metrics.jsonl").write_text('{"step": 3, "final": true}\n')
+    with pytest.raises(UsageError, match="holds a finished run .metrics.jsonl has its final record"):
+        Checkpoints(accelerator, finished).resolve(None)
+    assert Checkpoints(accelerator, tmp_path / "empty").resolve(None) is None
+    overwrite = Checkpoints(accelerator, tmp_path / "run", overwrite=True)
+    assert overwrite.resolve(None) is None and root.is_dir()                       # nothing removed yet ...
+    state, log = common.start_run(accelerator, _args("--output_dir", str(tmp_path / "run")), overwrite, None)
+    assert state == TrainState() and list(root.iterdir()) == []                   # ... only when the new run starts
+
+
+def test_prune_keeps_checkpoints_newer_than_the_resumed_step(accelerator, tmp_path):
+    ckpts, root = _saved(accelerator, tmp_path, steps=(1, 2, 3), total_limit=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+    _truncate(root / "step_00000003" / "optimizer.bin")
+    assert ckpts.resolve("latest") == root / "step_00000002"   # the run goes on from step 2 ...
+    ckpts.save(TrainState(completed_steps=3))                  # ... and replaces the corrupt step 3 when it gets there
+    assert common.checkpoint_problem(root / "step_00000003") is None
+    ckpts.load(root / "step_00000002")
+    ckpts.save(TrainState(completed_steps=2))                  # resumed from an earlier step: 3 is left alone
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+
+
+def test_resuming_a_different_model_says_which_setting_differs(tmp_path, caplog):
+    from transformers import BertConfig, BertModel
+
+    def save_with(hidden, dropout, out):
+        acc = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(vocab_size=32, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, hidden_dropout_prob=dropout))
+        acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        ckpts = Checkpoints(acc, out)
+        return acc, ckpts
+
+    try:
+        _, ckpts = save_with(8, 0.1, tmp_path)
+        path = ckpts.save(TrainState(completed_steps=1))
+        assert json.loads((path / "model_config.json").read_text())["hidden_size"] == 8
+        AcceleratorState._reset_state(reset_partial_state=True)
+        _, other = save_with(12, 0.1, tmp_path)
+        with pytest.raises(UsageError) as info:
+            other.load(path)
+        message = str(info.value)
+        assert message.startswith(f"--resume_from_checkpoint {path} holds a different model: settings that differ "
+                                  "(checkpoint -> this run): hidden_size 8 -> 12; ")
+        assert "embeddings.LayerNorm.bias is [8] there and [12] here" in message and "\n" not in message
+        AcceleratorState._reset_state(reset_partial_state=True)
+        _, same_shapes = save_with(8, 0.3, tmp_path)
+        with caplog.at_level("WARNING", logger="hf_emergence.examples"):
+            assert same_shapes.load(path).completed_steps == 1      # shapes fit: resumed, with a warning
+        assert "hidden_dropout_prob 0.1 -> 0.3" in caplog.text
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+# ---------------------------------------------------------------------------------------- clean stops
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(accelerator, tmp_path, capsys):
+    import os
+    import signal
+
+    _prepared(accelerator)
+    ckpts = Checkpoints(accelerator, tmp_path)
+    state = TrainState(completed_steps=4, epoch=1, batches_in_epoch=2)
+
+    def main(argv):
+        common.stop_if_asked(accelerator, state, ckpts)          # nothing asked yet: goes on
+        os.kill(os.getpid(), signal.SIGTERM)                       # arrives mid-step: only recorded ...
+        state.completed_steps += 1
+        common.stop_if_asked(accelerator, state, ckpts)           # ... and acted on at the step boundary
+        raise AssertionError("not stopped")
+
+    assert common.run_cli(main, []) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"stopped: SIGTERM at step 5 (epoch 1); saved {tmp_path / 'checkpoints' / 'step_00000005'}. "
+                   "Continue with --resume_from_checkpoint latest")
+    assert ckpts.resolve("latest") == tmp_path / "checkpoints" / "step_00000005"
+    assert ckpts.load(ckpts.latest()) == state
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                # handlers restored

@@ -22,3 +22,12 @@ def test_readme_opens_with_two_fresh_machine_commands():
 def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
     assert ci_lines == [_readme_commands()[1]]
+
+
+def test_the_console_script_entry_point_is_the_cli_main():
+    from hf_emergence.cli import main
+
+    setup_py = (ROOT / "setup.py").read_text()
+    target = re.search(r'"hf-emergence=([\w.]+):(\w+)"', setup_py)
+    module = __import__(target.group(1), fromlist=[target.group(2)])
+    assert getattr(module, target.group(2)) is main

@@ -44,8 +44,10 @@ common = run.common
 
 N_EVAL = 24
 TINY = ["--model_preset", "tiny", "--max_train_samples", "200", "--max_eval_samples", str(N_EVAL), "--vocab_size", "300",
-        "--per_device_train_batch_size", "16", "--num_beams", "1", "--no_progress_bar", "--num_threads", "1"]
+        "--per_device_train_batch_size", "16", "--num_beams", "1", "--no_progress_bar", "--num_threads", "1",
+        "--config_overrides", "dropout=0.1,attention_dropout=0.1,activation_dropout=0.1"]
 # One thread: on a shared 2-core box, two spinning OpenMP threads per process are several times slower.
+# Dropout is on, so the resume tests below check exactness where the RNG stream matters.
 # 200 samples / 16 = 13 batches per epoch: 30 steps cross two epoch ends (with evaluation) and stop mid-epoch.
 RUN_A = [*TINY, "--max_train_steps", "30", "--checkpointing_steps", "10"]
 

@@ -108,16 +108,21 @@ def test_reported_accuracy_equals_an_independent_recount(tmp_path, cache_dir):
     assert len(val) == 40 and len(set(val.labels.tolist())) > 1     # a random subset, not the first class folder
 
 
-def test_exact_resume_with_augmentation_across_an_epoch_boundary(tmp_path, cache_dir):
-    base = _args(tmp_path / "a", cache_dir, "--max_train_steps", "10", "--checkpointing_steps", "3", *TINY["cnn"])
-    run.main(base)
+VIT_DROPOUT = ["--model_type", "vit", "--config_overrides",
+               TINY["vit"][1] + ",hidden_dropout_prob=0.1,attention_probs_dropout_prob=0.1"]
+
+
+def test_exact_resume_with_augmentation_and_dropout_across_an_epoch_boundary(tmp_path, cache_dir):
+    flags = ["--max_train_steps", "10", "--checkpointing_steps", "3", *VIT_DROPOUT]
+    expected = run.main(_args(tmp_path / "a", cache_dir, *flags))
     resumed = tmp_path / "b"
     resumed.mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006")
-    run.main(_args(resumed, cache_dir, "--max_train_steps", "10", "--checkpointing_steps", "3", *TINY["cnn"],
-                   "--resume_from_checkpoint", str(resumed / "checkpoints" / "step_00000006")))
+    results = run.main(_args(resumed, cache_dir, *flags, "--resume_from_checkpoint",
+                             str(resumed / "checkpoints" / "step_00000006")))
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert results == expected
     # 64 images in batches of 16: step 6 is inside the second epoch, so the resume skips batches of epoch 1
 
 
@@ -145,10 +150,9 @@ def test_batcher_augmentation_depends_on_seed_epoch_and_batch_only():
     assert torch.allclose(plain, (data.images[2:3].float() / 255 - 0.5) / 0.25)
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 def test_two_processes_count_each_validation_image_once(tmp_path, cache_dir):
     out = tmp_path / "two"
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(SCRIPT), *_args(out, cache_dir, "--max_train_steps", "2", *TINY["cnn"]),
            "--max_eval_samples", "37", "--per_device_eval_batch_size", "8"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

@@ -27,7 +27,6 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/common.py
@@ -50,7 +49,7 @@ PRESETS = {
 
 # ------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="a Hub dataset with a 'translation' column (needs a network)")
     g.add_argument("--dataset_config_name", default=None)
@@ -81,8 +80,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise UsageError(f"--source_lang and --target_lang are both {args.source_lang!r}")
     if sum(x is not None for x in (args.dataset_name, args.train_file)) > 1:
         raise UsageError("give either --dataset_name or --train_file, not both")
-    if args.num_beams < 1:
-        raise UsageError(f"--num_beams must be >= 1, got {args.num_beams}")
+    common.check_ranges(args, {"num_beams": common.AT_LEAST_1, "label_smoothing": common.FRACTION,
+                               "max_source_length": common.AT_LEAST_1, "max_target_length": common.AT_LEAST_1,
+                               "vocab_size": common.AT_LEAST_1})
     return args
 
 
@@ -294,10 +294,7 @@ def build_model(args: argparse.Namespace, tokenizer):
     from hf_emergence import from_config
 
     if args.model_name_or_path:
-        try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {str(err).splitlines()[0]}") from None
+        model = common.load_pretrained(args.model_name_or_path, AutoModelForSeq2SeqLM)
         if model.config.vocab_size != len(tokenizer):
             raise UsageError(f"--model_name_or_path has vocab_size {model.config.vocab_size} but the tokenizer has {len(tokenizer)}")
         return model
@@ -386,7 +383,7 @@ def evaluate(accelerator, model, dataloader, tokenizer, references: list[str], a
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     accelerator = common.make_accelerator(args, "translation")
-    checkpoints = common.Checkpoints(accelerator, args.output_dir, args.checkpoints_total_limit)
+    checkpoints = common.Checkpoints(accelerator, args.output_dir, args.checkpoints_total_limit, args.overwrite_output_dir)
     resume_path = checkpoints.resolve(args.resume_from_checkpoint)
     set_seed(args.seed)
 
@@ -408,8 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     train_sampler = common.EpochBatchSampler(len(data["train"]), args.per_device_train_batch_size, args.seed,
                                              lengths=[len(f["input_ids"]) + len(f["labels"]) for f in data["train"]])
-    train_dl = DataLoader(data["train"], batch_sampler=train_sampler, collate_fn=lambda b: collate(b, pad))
-    eval_dls = {s: DataLoader(sorted(d, key=lambda f: len(f["input_ids"])), batch_size=args.per_device_eval_batch_size,
+    train_dl = common.data_loader(data["train"], batch_sampler=train_sampler, collate_fn=lambda b: collate(b, pad))
+    eval_dls = {s: common.data_loader(sorted(d, key=lambda f: len(f["input_ids"])), batch_size=args.per_device_eval_batch_size,
                               collate_fn=lambda b: collate(b, pad)) for s, d in data.items() if s != "train"}
     max_steps, _ = common.training_length(args, math.ceil(len(train_sampler) / accelerator.num_processes))
     scheduler = common.make_scheduler(optimizer, args, max_steps, accelerator.num_processes)
@@ -424,10 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                  "decoder_input_ids": accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(
                      labels=first["labels"])}
 
-    state = checkpoints.load(resume_path) if resume_path else common.TrainState()
-    if resume_path:
-        logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.completed_steps, state.epoch)
-    log = common.MetricsLog(accelerator, args.output_dir, args.with_tracking, state.completed_steps if resume_path else None)
+    state, log = common.start_run(accelerator, args, checkpoints, resume_path)
     if args.measure_emergence and not resume_path:
         log.log({"step": 0, "epoch": 0, **common.emergence_report(accelerator, model, probe)})
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
@@ -465,6 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "tokens")
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
+            common.stop_if_asked(accelerator, state, checkpoints)
             timer.restart()
             if state.completed_steps >= max_steps:
                 break

@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/common.py
@@ -61,7 +60,7 @@ OPTIMIZER_DEFAULTS = {"sgd": dict(learning_rate=0.05, weight_decay=5e-4), "adamw
 
 # ------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="a Hub dataset with image and label columns (needs a network)")
     g.add_argument("--dataset_config_name", default=None)
@@ -119,6 +118,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise UsageError(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}")
     if args.image_size < 8:
         raise UsageError(f"--image_size must be >= 8, got {args.image_size}")
+    common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0})
     return args
 
 
@@ -278,6 +278,10 @@ def load_splits(args: argparse.Namespace) -> dict[str, ImageSet]:
         splits = {"train": read_image_folder(BUILTIN_DATA / "train", "built-in train data", args)}
         splits["validation"] = read_image_folder(BUILTIN_DATA / "validation", "built-in validation data", args,
                                                  splits["train"].classes)
+    if len(splits["train"].classes) < 2:
+        source = f"--train_dir {args.train_dir}" if args.train_dir else f"dataset {args.dataset_name!r}"
+        raise UsageError(f"{source} has a single class ({splits['train'].classes[0]!r}): a classifier needs at least "
+                         "two (one folder per class)")
     if "validation" not in splits:
         train = splits["train"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.data_seed))
@@ -361,8 +365,8 @@ def build_model(args: argparse.Namespace, classes: list[str], mean: list[float],
             if plain_models.is_plain_checkpoint(args.model_name_or_path):
                 model = plain_models.load_plain(args.model_name_or_path)
             else:
-                model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
-        except (OSError, ValueError, TypeError) as err:
+                model = common.load_pretrained(args.model_name_or_path, AutoModelForImageClassification)
+        except (OSError, ValueError, TypeError) as err:   # a plain checkpoint's config.json or weights
             raise UsageError(f"--model_name_or_path {args.model_name_or_path}: {str(err).splitlines()[0]}") from None
         if model.config.num_labels != len(classes):
             raise UsageError(f"--model_name_or_path has {model.config.num_labels} labels but the data has {len(classes)} classes")
@@ -428,7 +432,7 @@ def evaluate(accelerator, model, dataloader, args: argparse.Namespace, split: st
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     accelerator = common.make_accelerator(args, "vision")
-    checkpoints = common.Checkpoints(accelerator, args.output_dir, args.checkpoints_total_limit)
+    checkpoints = common.Checkpoints(accelerator, args.output_dir, args.checkpoints_total_limit, args.overwrite_output_dir)
     resume_path = checkpoints.resolve(args.resume_from_checkpoint)
     set_seed(args.seed)
 
@@ -451,8 +455,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     train_batcher = Batcher(train, mean, std, augment=not args.no_augmentation, seed=args.seed)
     train_sampler = common.EpochBatchSampler(len(train), args.per_device_train_batch_size, args.seed)
     workers = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
-    train_dl = DataLoader(range(len(train)), batch_sampler=train_sampler, collate_fn=train_batcher, **workers)
-    val_dl = DataLoader(range(len(val)), batch_size=args.per_device_eval_batch_size,
+    train_dl = common.data_loader(range(len(train)), batch_sampler=train_sampler, collate_fn=train_batcher, **workers)
+    val_dl = common.data_loader(range(len(val)), batch_size=args.per_device_eval_batch_size,
                         collate_fn=Batcher(val, mean, std, augment=False, seed=args.seed), **workers)
     max_steps, _ = common.training_length(args, math.ceil(len(train_sampler) / accelerator.num_processes))
     scheduler = common.make_scheduler(optimizer, args, max_steps, accelerator.num_processes)
@@ -461,10 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     probe = (Batcher(val, mean, std, augment=False, seed=args.seed)(list(range(min(256, len(val)))))
              if args.measure_emergence else None)                   # fixed batch for --measure_emergence
 
-    state = checkpoints.load(resume_path) if resume_path else common.TrainState()
-    if resume_path:
-        logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.completed_steps, state.epoch)
-    log = common.MetricsLog(accelerator, args.output_dir, args.with_tracking, state.completed_steps if resume_path else None)
+    state, log = common.start_run(accelerator, args, checkpoints, resume_path)
     if args.measure_emergence and not resume_path:
         log.log({"step": 0, "epoch": 0, **common.emergence_report(accelerator, model, probe["pixel_values"])})
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
@@ -504,6 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "images")
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
+            common.stop_if_asked(accelerator, state, checkpoints)
             timer.restart()
             if state.completed_steps >= max_steps:
                 break
