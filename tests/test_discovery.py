@@ -376,19 +376,15 @@ def test_an_unregistered_t5_like_model_gets_one_layer_per_block_not_per_sub_laye
 
 
 def test_adding_a_model_type_is_one_row():
-    from hf_emergence.architectures import ArchitectureRow, Blocks, ChainSpec, Single
-    from hf_emergence.layout import LINEAR
+    from hf_emergence.architectures import Blocks, Single, convnet_row
 
     class CifarResNet(TimmStyleNet):
         config = type("Cfg", (), {"model_type": "tiny_cifar_resnet", "depths": [2, 1, 2]})()
 
-    row = ArchitectureRow(
-        name="tiny_cifar_resnet", model_types=("tiny_cifar_resnet",), base_init="kaiming_normal", layer_unit="matrix",
-        chains=(ChainSpec("model", (Single(r"stem"), Single(r"stages\.\d+\.downsample"),
-                                    Blocks(r"stages\.\d+(\.blocks)?\.\d+", ("conv1", "conv2", r"downsample\.0"),
-                                           roles={r"downsample\.0": SHORTCUT}, count="depths", stage=r"stages\.\d+"),
-                                    Single(r"head", role=LINEAR))),),
-        description="A CIFAR ResNet: stem, stages of residual blocks, head.")
+    row = convnet_row("tiny_cifar_resnet", stem=r"stem", classifier=r"head", between=(Single(r"stages\.\d+\.downsample"),),
+                      blocks=Blocks(r"stages\.\d+(\.blocks)?\.\d+", ("conv1", "conv2", r"downsample\.0"),
+                                    roles={r"downsample\.0": SHORTCUT}, count="depths", stage=r"stages\.\d+"),
+                      description="A CIFAR ResNet: stem, stages of residual blocks, head.")
     register_architecture(row.model_types, row)
     try:
         plan = _plan(CifarResNet())

@@ -19,7 +19,7 @@ from ._helpers import is_weight_module, output_embeddings
 from .generic import generic_layout
 from .registry import (LayoutMismatch, get_architecture, list_architectures, register_architecture,
                        unregister_architecture)
-from .rows import ArchitectureRow, Blocks, ChainSpec, Single
+from .rows import ArchitectureRow, Blocks, ChainSpec, Single, convnet_row
 
 logger = logging.getLogger("hf_emergence")
 
@@ -28,7 +28,7 @@ BUILTIN_ROWS: tuple[ArchitectureRow, ...] = (*seq2seq.ROWS, *vision.ROWS)
 for _row in BUILTIN_ROWS:
     register_architecture(_row.model_types, _row)
 
-__all__ = ["ArchitectureRow", "BUILTIN_ROWS", "Blocks", "ChainSpec", "LayoutMismatch", "Single", "discover",
+__all__ = ["ArchitectureRow", "BUILTIN_ROWS", "Blocks", "ChainSpec", "LayoutMismatch", "Single", "convnet_row", "discover",
            "generic_layout", "get_architecture", "list_architectures", "register_architecture", "unregister_architecture"]
 
 

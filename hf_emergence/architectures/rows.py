@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Union
 
 import torch.nn as nn
 
-from ..layout import Block, Chain, Layout, member_for
+from ..layout import LINEAR, Block, Chain, Layout, member_for
 from ._helpers import check_count, is_weight_module, ordered_block
 from .registry import LayoutMismatch
 
@@ -79,6 +79,15 @@ class ArchitectureRow:
 
     def __call__(self, model: nn.Module) -> Layout:
         return walk(self, model)
+
+
+def convnet_row(model_type: str, stem: str, blocks: Blocks, classifier: str, description: str,
+                between: tuple[Single, ...] = ()) -> ArchitectureRow:
+    """A ConvNet's row: stem conv, (between-stage convs and) blocks in registration order, classifier;
+    Kaiming-normal base init, one layer per conv (``layer_unit="matrix"``)."""
+    parts = (Single(stem), *between, blocks, Single(classifier, role=LINEAR))
+    return ArchitectureRow(name=model_type, model_types=(model_type,), chains=(ChainSpec("model", parts),),
+                           base_init="kaiming_normal", layer_unit="matrix", description=description)
 
 
 def _stack_name(model: nn.Module) -> Optional[str]:

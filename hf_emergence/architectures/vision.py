@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
-from ..layout import LINEAR, SHORTCUT
-from .rows import ArchitectureRow, Blocks, ChainSpec, Single
+from ..layout import SHORTCUT
+from .rows import ArchitectureRow, Blocks, ChainSpec, Single, convnet_row
 
 _VIT_ORDER = (r"attention\.q_proj", r"attention\.k_proj", r"attention\.v_proj", r"attention\.o_proj", r"mlp\.fc1", r"mlp\.fc2")
 _VIT_4X_ORDER = (r"attention\.attention\.query", r"attention\.attention\.key", r"attention\.attention\.value",
@@ -26,27 +26,17 @@ VIT = ArchitectureRow(
     description="Blocks ``<prefix>.layers.N`` (transformers 5.x) or ``<prefix>.encoder.layer.N`` (4.x names).",
 )
 
-RESNET = ArchitectureRow(
-    name="resnet", model_types=("resnet",),
-    chains=(ChainSpec("model", (
-        Single(r"embedder\.embedder\.convolution"),
-        Blocks(r"encoder\.stages\.\d+\.layers\.\d+", (r"layer\.\d+\.convolution", r"shortcut\.convolution"),
-               roles={r"shortcut\.convolution": SHORTCUT}, count="depths", stage=r"encoder\.stages\.\d+"),
-        Single(r"classifier\.1", role=LINEAR))),),
-    base_init="kaiming_normal", layer_unit="matrix",
-    description="Stem conv, ``encoder.stages.S.layers.B`` residual blocks (convs in order, shortcut last), classifier.",
-)
+RESNET = convnet_row(
+    "resnet", stem=r"embedder\.embedder\.convolution", classifier=r"classifier\.1",
+    blocks=Blocks(r"encoder\.stages\.\d+\.layers\.\d+", (r"layer\.\d+\.convolution", r"shortcut\.convolution"),
+                  roles={r"shortcut\.convolution": SHORTCUT}, count="depths", stage=r"encoder\.stages\.\d+"),
+    description="Stem conv, ``encoder.stages.S.layers.B`` residual blocks (convs in order, shortcut last), classifier.")
 
-CONVNEXT = ArchitectureRow(
-    name="convnext", model_types=("convnext",),
-    chains=(ChainSpec("model", (
-        Single(r"embeddings\.patch_embeddings"),
-        Single(r"encoder\.stages\.\d+\.downsampling_layer\.1"),
-        Blocks(r"encoder\.stages\.\d+\.layers\.\d+", ("dwconv", "pwconv1", "pwconv2"), count="depths",
-               stage=r"encoder\.stages\.\d+"),
-        Single(r"classifier", role=LINEAR))),),
-    base_init="kaiming_normal", layer_unit="matrix",
-    description="Patch-embedding stem, per stage (downsampling conv, blocks of dwconv/pwconv1/pwconv2), classifier.",
-)
+CONVNEXT = convnet_row(
+    "convnext", stem=r"embeddings\.patch_embeddings", classifier=r"classifier",
+    between=(Single(r"encoder\.stages\.\d+\.downsampling_layer\.1"),),
+    blocks=Blocks(r"encoder\.stages\.\d+\.layers\.\d+", ("dwconv", "pwconv1", "pwconv2"), count="depths",
+                  stage=r"encoder\.stages\.\d+"),
+    description="Patch-embedding stem, per stage (downsampling conv, blocks of dwconv/pwconv1/pwconv2), classifier.")
 
 ROWS = (VIT, RESNET, CONVNEXT)
