@@ -259,7 +259,7 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
                 if (m.role == SHORTCUT or m.parallel) and layers:
                     layers[-1][1].append(m)
                 else:
-                    layers.append((m.param.rsplit(".", 1)[0], [m]))
+                    layers.append((m.param.rsplit(".", 1)[0].removesuffix(".parametrizations.weight"), [m]))
         chains.append((chain.name, layers))
     if settings["chain"] == "single" and len(chains) > 1:
         chains = [("+".join(n for n, _ in chains), [layer for _, ls in chains for layer in ls])]

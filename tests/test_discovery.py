@@ -13,7 +13,7 @@ from hf_emergence import (EmergenceInit, EmergencePlan, Layout, list_architectur
 from hf_emergence.architectures import discover
 from hf_emergence.architectures._helpers import is_weight_module
 from hf_emergence.layout import ATTN_K, ATTN_O, ATTN_Q, ATTN_QKV, ATTN_V, FFN, SHORTCUT, Block, Chain, Member, role_from_name
-from tiny_models import EXAMPLE_INPUTS, EXPECTED, FACTORIES, FALLBACK, MLP, REGISTERED
+from tiny_models import EXAMPLE_INPUTS, EXPECTED, FACTORIES, FALLBACK, MLP, REGISTERED, hf_config
 
 
 def test_every_registered_architecture_has_a_test_row():
@@ -416,3 +416,17 @@ def test_a_weight_of_unknown_structure_is_left_out_with_a_warning_never_a_crash(
     with pytest.warns(UserWarning, match="2.weight of Linear is not a Parameter"):
         plan = EmergenceInit(alpha=1.3).plan(model)
     assert "2.weight" not in plan and plan.chains == {"model": 4}
+
+
+@pytest.mark.parametrize("model_type, cls", [("marian", "MarianDecoder"), ("mbart", "MBartDecoder"),
+                                             ("pegasus", "PegasusDecoder"), ("m2m_100", "M2M100Encoder"),
+                                             ("bart", "BartEncoder")])
+def test_a_standalone_stack_of_a_registered_type_uses_its_row(model_type, cls):
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    model = getattr(module, cls)(hf_config(model_type))
+    plan = _plan(model)
+    side = cls[-7:].lower()
+    assert plan.source == f"registry:{model_type}" and plan.chains == {side: 4 if side == "decoder" else 3}
+    assert plan.entries[0].name == "layers.0.self_attn.q_proj.weight"
