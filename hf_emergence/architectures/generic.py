@@ -6,9 +6,9 @@
 2. Order: one forward pass (:mod:`hf_emergence.tracing`: on the model itself when it has weights, else on
    a fake-tensor or meta replica); registration order, with a warning and a note, only when no pass works.
 3. Blocks: the children of the innermost *block lists*, ``ModuleList``/``Sequential`` containers in which
-   some child holds two or more weights (a list of distinct sub-layer classes inside an element of
-   another block list, T5's ``block.N.layer``, is not one). Classes may be mixed (hybrid attention /
-   state-space stacks). A child that itself holds block lists is a *stage* (Swin's ``layers.N`` with its
+   some child holds two or more weights. Classes may be mixed (hybrid attention / state-space stacks),
+   but a list of distinct classes that is all an element of another block list holds is that block's
+   sub-layers (T5's ``block.N.layer``), not a block list. A child that itself holds block lists is a *stage* (Swin's ``layers.N`` with its
    ``blocks`` and ``downsample``); its other weights (patch merging, downsampling) are layers of their own.
 4. Chains:
 
