@@ -56,9 +56,14 @@ class Trace:
 
 
 def has_real_weights(model: nn.Module) -> bool:
-    """True when every parameter holds its data locally (not meta, not DeepSpeed-partitioned, not a DTensor)."""
+    """True when every parameter holds its data locally (not meta, not DeepSpeed-partitioned, not a DTensor
+    shard: a pass on a sharded model would need every rank to join it)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        DTensor = ()
     for p in model.parameters():
-        if p.is_meta or hasattr(p, "ds_id") or type(p.data).__name__ == "DTensor" or type(p).__name__ == "DTensor":
+        if p.is_meta or hasattr(p, "ds_id") or isinstance(p, DTensor) or isinstance(p.data, DTensor):
             return False
     return True
 

@@ -430,3 +430,22 @@ def test_a_standalone_stack_of_a_registered_type_uses_its_row(model_type, cls):
     side = cls[-7:].lower()
     assert plan.source == f"registry:{model_type}" and plan.chains == {side: 4 if side == "decoder" else 3}
     assert plan.entries[0].name == "layers.0.self_attn.q_proj.weight"
+
+
+def test_sharded_or_weightless_parameters_are_never_run_for_real(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hf_emergence.tracing import has_real_weights
+
+    model = MLP()
+    assert has_real_weights(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model[2].weight = nn.Parameter(distribute_tensor(model[2].weight.data, init_device_mesh("cpu", (1,)), [Shard(0)]))
+        assert not has_real_weights(model)                    # a pass on a DTensor shard would need every rank
+    finally:
+        dist.destroy_process_group()
+    with torch.device("meta"):
+        assert not has_real_weights(MLP())
