@@ -53,7 +53,7 @@ LAYER_FIELDS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encod
                 "num_decoder_layers", "num_encoder_layers", "decoder_num_layers", "encoder_num_layers",
                 "num_text_layers", "num_vision_layers", "depth")
 WIDTH_FIELDS = ("hidden_size", "d_model", "n_embd", "embed_dim", "d_embed", "model_dim", "dim", "word_embed_proj_dim",
-                "projection_dim")
+                "projection_dim", "out_hidden_size", "encoder_hidden_size", "emb_dim")
 HEAD_FIELDS = ("num_attention_heads", "n_head", "n_heads", "encoder_attention_heads", "decoder_attention_heads",
                "num_heads", "num_key_value_heads", "n_kv_heads", "num_kv_heads")
 FFN_FIELDS = ("intermediate_size", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "ffn_hidden_size",
@@ -65,7 +65,7 @@ HEAD_PART_FIELDS = ("rotary_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_hea
 RANK_FIELDS = ("kv_lora_rank", "q_lora_rank")
 TARGETS = ((LAYER_FIELDS, 2), (WIDTH_FIELDS, 32), (HEAD_FIELDS, 2), (FFN_FIELDS, 64), (EXPERT_FIELDS, 4),
            (("head_dim",), 16), (HEAD_PART_FIELDS, 16), (RANK_FIELDS, 16), (("num_experts_per_tok",), 2),
-           (("mamba_n_heads",), 2), (("mamba_d_head",), 32))
+           (("mamba_n_heads",), 2), (("mamba_d_head",), 32), (("moe_k", "moe_topk", "num_experts_per_token"), 2))
 ALPHA = 1.2
 MILD_LIMIT = 150_000_000  # parameters: largest depth-only shrink built when the full shrink does not run
 
@@ -116,6 +116,17 @@ def shrink(config: Any, widths: bool = True, _seen: Optional[set] = None) -> Any
         config.qk_head_dim = fields.get("qk_nope_head_dim", 0) + fields.get("qk_rope_head_dim", 0)
     if "num_experts_per_tok" in fields and fields["num_experts_per_tok"] is None and any(fields.get(n) for n in EXPERT_FIELDS):
         config.num_experts_per_tok = 2
+    heads, hidden = fields.get("num_attention_heads"), fields.get("hidden_size")
+    head_dim = fields.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None)
+    rope = fields.get("rope_parameters")
+    if isinstance(rope, dict) and "mrope_section" in getattr(config, "ignore_keys_at_rope_validation", ()):
+        rope.setdefault("mrope_section", [8, 12, 12])  # the models' default, made explicit to be shrunk below
+    for name, value in list(fields.items()):  # multimodal rotary sections must add up to half a head
+        if widths and isinstance(head_dim, int) and isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
+            half, parts = head_dim // 2, len(value["mrope_section"])
+            section = [half // parts] * parts
+            section[0] += half - sum(section)
+            setattr(config, name, {**value, "mrope_section": section})
     if isinstance(fields.get("depths"), (list, tuple)):
         config.depths = type(fields["depths"])([1] * len(fields["depths"]))
     for name in HEAD_FIELDS if widths else ():  # per-stage head counts (Swin, PVT): one head divides any width

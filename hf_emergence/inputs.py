@@ -16,7 +16,9 @@ A transformers model names its main input (``main_input_name``); the batch for i
 ==================  ===========================================================================================
 
 A model whose config has a vision (audio) sub-config and whose forward takes ``pixel_values``
-(``input_features``/``input_values``) gets those too, in a first batch. Other required arguments of ``forward`` are added when their name says what they are (``*_ids``,
+(``input_features``/``input_values``) gets those too, in a first batch (with ``image_seq_length`` image tokens
+in front of its ids when the config names an image token); a Qwen2-VL-style model taking
+``grid_thw``/``image_grid_thw`` gets flattened patches with their grid (and image tokens in its ids). Other required arguments of ``forward`` are added when their name says what they are (``*_ids``,
 ``attention_mask``, ``pixel_values``); one that cannot be built is named in :attr:`Batches.gap`.
 ``use_cache=False`` is passed where ``forward`` takes it (no cache object is needed to see the order). A plain
 ``nn.Module`` gets a (2, C, 32, ...) batch for a leading ConvNd, (2, 8) ids for a leading Embedding, and
@@ -66,13 +68,15 @@ def build_batches(model: nn.Module, watched: Sequence[nn.Module] = ()) -> Batche
         return _plain_batches(model, watched)
     main = getattr(model, "main_input_name", None)
     names = main if isinstance(main, (list, tuple)) else [main]
+    required, accepted = _arguments(model)
+    patches = _patch_grids(config, required, accepted, names[0])
     builder = _BUILDERS.get(names[0])
-    if builder is None:
+    if builder is None and not patches:
         return Batches(gap=f"{type(model).__name__} takes {names[0]!r} as its main input, which cannot be built from its "
                             "config; pass example_inputs= (a batch)")
-    required, accepted = _arguments(model)
     out = Batches()
-    for shaped in _with_other_modalities(builder(config), names[0], config, accepted):
+    shaped_batches = _with_other_modalities(builder(config), names[0], config, accepted) if builder else []
+    for shaped in patches + shaped_batches:
         batch = dict(shaped)
         if "use_cache" in accepted:  # no cache object to build (hybrid caches refuse some layer mixes)
             batch["use_cache"] = False
@@ -215,6 +219,36 @@ _BUILDERS: dict[str, Callable[[Any], list[dict[str, torch.Tensor]]]] = {
 }
 
 
+def _patch_grids(config: Any, required: list[str], accepted: set[str], main: str) -> list[dict[str, torch.Tensor]]:
+    """Qwen2-VL-style vision inputs: flattened patches (n, C * T * P * P) with their ``grid_thw`` (1, h, w).
+
+    A vision tower (``forward(hidden_states, grid_thw)``) gets them alone; a model taking ``image_grid_thw``
+    gets them as ``pixel_values`` with ``input_ids`` holding one image token per merged patch group.
+    """
+    vision = _sub(config, "vision_config")[-1]
+    patch = getattr(vision, "patch_size", None)
+    if not isinstance(patch, int) or not ({"grid_thw", "image_grid_thw"} & accepted):
+        return []
+    merge = getattr(vision, "spatial_merge_size", None) or 2
+    temporal = getattr(vision, "temporal_patch_size", None) or 1
+    channels = _field([vision], ("in_channels", "num_channels", "in_chans"), 3)
+    side = 2 * merge
+    flat = _pattern(side * side, channels * temporal * patch * patch)
+    grid = torch.tensor([[1, side, side]])
+    if "grid_thw" in accepted:
+        tensor_arg = next((n for n in required if n != "grid_thw"), "hidden_states")
+        return [{tensor_arg: flat, "grid_thw": grid}]
+    image_token = getattr(config, "image_token_id", None)
+    ids = token_ids(config)
+    if main != "input_ids" or not isinstance(image_token, int) or ids is None:
+        return []
+    image = torch.full((1, (side * side) // (merge * merge)), image_token, dtype=torch.long)
+    batch = {"input_ids": torch.cat([ids, image], dim=1), "pixel_values": flat, "image_grid_thw": grid}
+    if "mm_token_type_ids" in accepted:  # 0 for text tokens, 1 for image tokens
+        batch["mm_token_type_ids"] = (batch["input_ids"] == image_token).long()
+    return [batch]
+
+
 def _with_other_modalities(batches: list[dict[str, torch.Tensor]], main: str, config: Any,
                            accepted: set[str]) -> list[dict[str, torch.Tensor]]:
     """A model taking text and images (or audio) gets both first, then each batch alone (a dual encoder
@@ -225,6 +259,14 @@ def _with_other_modalities(batches: list[dict[str, torch.Tensor]], main: str, co
     combined = []
     for name in others:
         combined.extend({**batches[0], **extra} for extra in _BUILDERS[name](config)[:2] if batches)
+    image_token = next((getattr(config, n) for n in ("image_token_id", "image_token_index")
+                        if isinstance(getattr(config, n, None), int)), None)
+    length = getattr(config, "image_seq_length", None)
+    if image_token is not None and isinstance(length, int) and 0 < length <= 4096:
+        for batch in combined:  # a captioner's ids hold one placeholder per image feature
+            if "pixel_values" in batch and "input_ids" in batch:
+                image = torch.full((1, length), image_token, dtype=torch.long)
+                batch["input_ids"] = torch.cat([image, batch["input_ids"]], dim=1)
     return combined + batches
 
 
