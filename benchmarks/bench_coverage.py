@@ -127,6 +127,8 @@ def shrink(config: Any, widths: bool = True, _seen: Optional[set] = None) -> Any
             section = [half // parts] * parts
             section[0] += half - sum(section)
             setattr(config, name, {**value, "mrope_section": section})
+    if "prediction_length" in fields and fields["prediction_length"] is None:  # time-series models require it
+        config.prediction_length = 4
     if isinstance(fields.get("depths"), (list, tuple)):
         config.depths = type(fields["depths"])([1] * len(fields["depths"]))
     for name in HEAD_FIELDS if widths else ():  # per-stage head counts (Swin, PVT): one head divides any width

@@ -12,7 +12,10 @@ A transformers model names its main input (``main_input_name``); the batch for i
 ``input_values``     raw audio: (1, 16000), then (1, C, 16000) with C = ``audio_channels``; a spectrogram
                      (1, ``max_length``, ``num_mel_bins``) first when the config has both
 ``input_features``   spectrogram frames: (1, F, T) and (1, T, F), F = ``num_mel_bins`` (or ``feature_size``, ...),
-                     T = 2 * ``max_source_positions`` when the config has it
+                     T = 2 * ``max_source_positions`` when the config has it (a ``*_mask`` over the frames)
+``past_values``      a time series: (1, ``context_length`` + largest lag, channels), with ``past_time_features``
+                     and ``past_observed_mask`` when ``forward`` needs them
+``inputs_embeds``    (1, 8, ``hidden_size``) vectors (also Perceiver's ``inputs``, with ``d_model``)
 ==================  ===========================================================================================
 
 A model whose config has a vision (audio) sub-config and whose forward takes ``pixel_values``
@@ -203,7 +206,7 @@ def _features(config: Any) -> list[dict[str, torch.Tensor]]:
     if isinstance(channels, int) and getattr(config, "input_feat_per_channel", None):
         features *= channels
     positions = _field(configs, ("max_source_positions",))
-    frames = 2 * positions if isinstance(positions, int) else 64
+    frames = 2 * positions if isinstance(positions, int) else 200
     out = [{"input_features": _pattern(1, features, frames)}, {"input_features": _pattern(1, frames, features)}]
     if getattr(config, "is_encoder_decoder", False):
         ids = token_ids(config)
@@ -213,9 +216,30 @@ def _features(config: Any) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def _series(config: Any) -> list[dict[str, torch.Tensor]]:
+    """(1, context + largest lag, channels) past values, then without the channel axis for one channel."""
+    context = _field([config], ("context_length",), 32)
+    lags = getattr(config, "lags_sequence", None) or [0]
+    length = int(context) + max(lags)
+    channels = _field([config], ("num_input_channels", "input_size"), 1)
+    out = [{"past_values": _pattern(1, length, channels)}]
+    if channels == 1:
+        out.append({"past_values": _pattern(1, length)})
+    return out
+
+
+def _embeddings(name: str) -> Callable[[Any], list[dict[str, torch.Tensor]]]:
+    """(1, 8, width) vectors for a model that takes embeddings (``inputs_embeds``, Perceiver's ``inputs``)."""
+    def build(config: Any) -> list[dict[str, torch.Tensor]]:
+        width = _field([config], ("hidden_size", "d_model"))
+        return [{name: _pattern(1, SEQ_LEN, width)}] if isinstance(width, int) else []
+    return build
+
+
 _BUILDERS: dict[str, Callable[[Any], list[dict[str, torch.Tensor]]]] = {
     "input_ids": _text, "pixel_values": _images, "pixel_values_videos": _videos, "input_values": _audio,
-    "input_features": _features,
+    "input_features": _features, "past_values": _series, "inputs_embeds": _embeddings("inputs_embeds"),
+    "inputs": _embeddings("inputs"),
 }
 
 
@@ -279,6 +303,17 @@ def _extra(name: str, config: Any, batch: dict[str, torch.Tensor]) -> Optional[t
         return torch.ones_like(ids) if ids is not None else None
     if name == "pixel_values":
         return _images(config)[0]["pixel_values"]
+    if name == "input_features":
+        return _features(config)[0]["input_features"]
+    features, values = batch.get("input_features"), batch.get("past_values")
+    if name.endswith("_mask") and features is not None:  # a mask over the frames of a spectrogram
+        bins = _field(_sub(config, "audio_config", "encoder_config"), _FEATURE_FIELDS, 80)
+        frames = features.shape[-1] if features.shape[1] == bins else features.shape[1]
+        return torch.ones(1, frames, dtype=torch.long)
+    if values is not None and name == "past_observed_mask":
+        return torch.ones_like(values)
+    if values is not None and name == "past_time_features":
+        return torch.zeros(1, values.shape[1], getattr(config, "num_time_features", None) or 0)
     return None
 
 

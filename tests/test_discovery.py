@@ -128,7 +128,7 @@ def test_registry_mismatch_falls_back_with_warning():
 
 
 # ---- the table of tiny models discovery must handle (issues 16 and 11) ------------------------------------------------
-from tiny_models import (_ENCODEC, _MIXTRAL, _PATCHTST, _SWIN, HierarchicalTransformer, ItemGated,  # noqa: E402
+from tiny_models import (_DECISION, _ENCODEC, _MIXTRAL, _SWIN, DECISION_BATCH, HierarchicalTransformer, ItemGated,  # noqa: E402
                          NonzeroRouted, RepVGG, StatefulNet, TimmStyleNet, WeightNormedConvNet, bart_decoder, hf_model,
                          marian_encoder)
 
@@ -313,14 +313,14 @@ def test_weight_normed_layers_scale_their_magnitude_and_keep_their_own_init():
 
 
 def test_no_forward_at_all_is_said_in_the_source_and_the_notes():
-    model = hf_model("patchtst", _PATCHTST)                   # its main input, past_values, has no builder
+    model = hf_model("decision_transformer", _DECISION)        # its main input, states, has no builder
     with pytest.warns(UserWarning, match="registration order"):
         plan = EmergenceInit(alpha=1.3).plan(model)
     assert plan.source == "registration-order"
-    assert any("registration order" in n and "'past_values'" in n for n in plan.notes)
-    batch = {"past_values": torch.randn(1, 16, 2)}
-    traced = EmergenceInit(alpha=1.3).plan(model, example_inputs=batch)
-    assert traced.source == "traced" and discover(model, batch).order == "model" and not traced.notes
+    assert any("registration order" in n and "'states'" in n for n in plan.notes)
+    traced = EmergenceInit(alpha=1.3).plan(model, example_inputs=DECISION_BATCH)
+    assert traced.source == "traced" and discover(model, DECISION_BATCH).order == "model" and not traced.notes
+    check_plan(model, traced, DECISION_BATCH)
 
 
 def test_example_inputs_are_used_as_given_on_real_weights():

@@ -137,8 +137,10 @@ _SWIN = dict(image_size=32, patch_size=2, embed_dim=8, depths=[2, 1, 2], num_hea
              mlp_ratio=2.0)
 _ENCODEC = dict(hidden_size=8, num_filters=4, upsampling_ratios=[2, 2], codebook_size=16, codebook_dim=8,
                 num_lstm_layers=1, audio_channels=1, target_bandwidths=[1.5], sampling_rate=800)
-_PATCHTST = dict(num_input_channels=2, context_length=16, patch_length=4, patch_stride=4, d_model=16,
-                 num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, prediction_length=4)
+_DECISION = dict(state_dim=3, act_dim=2, hidden_size=16, n_layer=2, n_head=2, max_ep_len=10, n_positions=32, vocab_size=1)
+DECISION_BATCH = {"states": torch.linspace(-1, 1, 12).reshape(1, 4, 3), "actions": torch.linspace(-1, 1, 8).reshape(1, 4, 2),
+                  "rewards": torch.ones(1, 4, 1), "returns_to_go": torch.linspace(1, 0, 4).reshape(1, 4, 1),
+                  "timesteps": torch.arange(4)[None], "attention_mask": torch.ones(1, 4, dtype=torch.long)}
 
 
 def hf_model(model_type: str, kwargs: dict, cls: type = None) -> nn.Module:
