@@ -14,6 +14,8 @@ INSTALL_REQUIRES = ["torch>=2.4", "transformers>=5.0,<6", "huggingface_hub>=1.0"
 EXAMPLES = ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4.3", "sacrebleu>=2.4", "tokenizers>=0.20",
             "pillow>=10", "tqdm", "matplotlib>=3.8", "numpy"]
 DEV = EXAMPLES + ["pytest>=8"]
+# DeepSpeed ZeRO-3 (optional; tests/test_distributed.py runs it on CPU when HF_EMERGENCE_TEST_DEEPSPEED=1)
+DEEPSPEED = ["deepspeed>=0.16"]
 
 setup(
     name="hf-emergence",
@@ -25,7 +27,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hf_emergence", "hf_emergence.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"examples": EXAMPLES, "dev": DEV},
+    extras_require={"examples": EXAMPLES, "dev": DEV, "deepspeed": DEEPSPEED},
     entry_points={"console_scripts": ["hf-emergence=hf_emergence.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

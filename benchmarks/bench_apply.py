@@ -9,6 +9,8 @@ Measured per repetition (model built with ``AutoModelForSeq2SeqLM.from_config``,
 
 * ``apply / from_config``: wall time of ``EmergenceInit(alpha).apply(model)`` (base re-draw + scaling) over the
   wall time of the stock ``from_config`` that built the model; also with ``base_init="keep"`` (scaling only).
+* The same ratios from process CPU time (``time.process_time``; one torch thread, so it is the work done, less
+  sensitive than wall time to other jobs taking the CPU away), for the scaling and the hook.
 * ``peak extra memory / model size``: the process's peak resident memory during ``apply`` minus its resident
   memory just before, over the bytes of all parameters and buffers; also over the bytes of the largest tensor the
   plan touches. Linux only: the kernel's high-water mark (``VmHWM``) is reset by writing 5 to
@@ -18,7 +20,13 @@ Measured per repetition (model built with ``AutoModelForSeq2SeqLM.from_config``,
 * ``plan on meta / from_config``: ``EmergenceInit(alpha).plan(model)`` on the same config built under
   ``torch.device("meta")`` (no weights), over the stock ``from_config`` time.
 * ``hf_emergence.from_config / stock from_config``: building with the init inside transformers' construction
-  against the stock build, same config (the stock and hf builds alternate order between repetitions).
+  against the stock build, same config (the stock and hf builds alternate order between repetitions). The hook
+  draws each planned tensor once (transformers' init skips them), so it may be cheaper than the stock build.
+* ``hook peak extra memory / largest planned tensor``: the peak resident memory of the hf build minus that of
+  the stock build (each over the resident memory just before it), over the largest planned tensor.
+
+Targets (issue 11): hook <= 1.03x stock ``from_config``; the scaling itself (``base_init="keep"``) <= 0.01 of
+it; peak extra memory <= one tensor.
 
 Ratios are computed per repetition; the report gives mean +- sample std (ddof=1) over repetitions.
 """
@@ -90,10 +98,13 @@ def _reset_peak() -> bool:
         return False
 
 
-def _timed(fn):
+def _timed(fn, cpu: dict | None = None, key: str = ""):
+    """``(fn(), wall seconds)``; with ``cpu``, also stores the process CPU seconds under ``cpu[key]``."""
     gc.collect()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
+    if cpu is not None:
+        cpu[key] = time.process_time() - c0
     return out, time.perf_counter() - t0
 
 
@@ -143,15 +154,17 @@ def main(argv=None) -> dict:
         r: dict = {}
         order = ("stock", "hf") if rep % 2 == 0 else ("hf", "stock")
         for which in order:
+            gc.collect()
+            build_before = _status()["VmRSS"]
+            peak_ok = _reset_peak()
             if which == "stock":
-                model, r["from_config_s"] = _timed(stock)
+                model, r["from_config_s"] = _timed(stock, r, "from_config_cpu_s")
+                r["stock_build_peak_bytes"] = _status()["VmHWM"] - build_before if peak_ok else None
                 # apply on the model just built by the stock path: time and peak extra resident memory.
                 gc.collect()
                 before = _status()["VmRSS"]
                 peak_ok = _reset_peak()
-                t0 = time.perf_counter()
-                EmergenceInit(alpha=args.alpha).apply(model)
-                r["apply_s"] = time.perf_counter() - t0
+                _, r["apply_s"] = _timed(lambda: EmergenceInit(alpha=args.alpha).apply(model), r, "apply_cpu_s")
                 after = _status()
                 r["apply_peak_extra_bytes"] = after["VmHWM"] - before if peak_ok else None
                 r["apply_rss_delta_bytes"] = after["VmRSS"] - before
@@ -164,12 +177,12 @@ def main(argv=None) -> dict:
                 r["control_copy_peak_extra_bytes"] = _status()["VmHWM"] - before if peak_ok else None
                 del tmp
                 # scaling only (the weights are kept, as after a model's own init).
-                t0 = time.perf_counter()
-                EmergenceInit(alpha=args.alpha, base_init="keep").apply(model, force=True)
-                r["apply_keep_s"] = time.perf_counter() - t0
+                _, r["apply_keep_s"] = _timed(lambda: EmergenceInit(alpha=args.alpha, base_init="keep").apply(model, force=True),
+                                              r, "apply_keep_cpu_s")
                 del model
             else:
-                model, r["hf_from_config_s"] = _timed(with_init)
+                model, r["hf_from_config_s"] = _timed(with_init, r, "hf_from_config_cpu_s")
+                r["hf_build_peak_bytes"] = _status()["VmHWM"] - build_before if peak_ok else None
                 assert model.emergence_plan is not None
                 del model
             gc.collect()
@@ -181,10 +194,14 @@ def main(argv=None) -> dict:
         r["ratio_apply_keep_over_from_config"] = r["apply_keep_s"] / r["from_config_s"]
         r["ratio_plan_meta_over_from_config"] = r["plan_meta_s"] / r["from_config_s"]
         r["ratio_hf_from_config_over_stock"] = r["hf_from_config_s"] / r["from_config_s"]
+        r["ratio_apply_keep_over_from_config_cpu"] = r["apply_keep_cpu_s"] / r["from_config_cpu_s"]
+        r["ratio_hf_from_config_over_stock_cpu"] = r["hf_from_config_cpu_s"] / r["from_config_cpu_s"]
         if r["apply_peak_extra_bytes"] is not None:
             r["ratio_peak_extra_over_model_bytes"] = r["apply_peak_extra_bytes"] / model_bytes
             r["ratio_peak_extra_over_largest_planned_tensor"] = r["apply_peak_extra_bytes"] / largest_planned
             r["ratio_control_copy_over_largest_planned_tensor"] = r["control_copy_peak_extra_bytes"] / largest_planned
+            r["ratio_hook_peak_extra_over_largest_planned_tensor"] = (
+                (r["hf_build_peak_bytes"] - r["stock_build_peak_bytes"]) / largest_planned)
         reps.append(r)
         print(f"repetition {rep + 1}/{args.repeats}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float)),
               flush=True)
@@ -242,7 +259,7 @@ def markdown(res: dict) -> str:
         "|---|---|---|",
         f"| `apply()` time (base re-draw + scaling) / stock `from_config` time | {ms('ratio_apply_over_from_config')} | "
         f"from_config {ms('from_config_s', '.2f')} s |",
-        f"| `apply()` time with `base_init=\"keep\"` (scaling only) / stock `from_config` time | "
+        f"| `apply()` time with `base_init=\"keep\"` (scaling only) / stock `from_config` time (target <= 0.01) | "
         f"{ms('ratio_apply_keep_over_from_config')} | |",
         f"| peak extra resident memory during `apply()` / model size | {ms('ratio_peak_extra_over_model_bytes', '.4f')} | "
         f"peak extra {ms('apply_peak_extra_bytes', '.2f', 1 / mib)} MiB |",
@@ -253,8 +270,14 @@ def markdown(res: dict) -> str:
         f"{ms('ratio_control_copy_over_largest_planned_tensor', '.2f')} | shows the measure sees a one-tensor temporary |",
         f"| `plan()` on the meta device / stock `from_config` time | {ms('ratio_plan_meta_over_from_config', '.4f')} | "
         f"plan {ms('plan_meta_s', '.3f', 1000)} ms |",
-        f"| `hf_emergence.from_config` time / stock `from_config` time | {ms('ratio_hf_from_config_over_stock')} | "
-        f"hf from_config {ms('hf_from_config_s', '.2f')} s |",
+        f"| `hf_emergence.from_config` time / stock `from_config` time (target <= 1.03) | "
+        f"{ms('ratio_hf_from_config_over_stock')} | hf from_config {ms('hf_from_config_s', '.2f')} s |",
+        f"| the same two ratios from process CPU time: scaling only / stock `from_config` | "
+        f"{ms('ratio_apply_keep_over_from_config_cpu')} | stock from_config CPU {ms('from_config_cpu_s', '.2f')} s |",
+        f"| hf_emergence.from_config / stock `from_config` | {ms('ratio_hf_from_config_over_stock_cpu')} | |",
+        f"| peak memory of the `hf_emergence.from_config` build minus that of the stock build / largest planned "
+        f"tensor (target <= 1) | {ms('ratio_hook_peak_extra_over_largest_planned_tensor', '.2f')} | stock build peak "
+        f"{ms('stock_build_peak_bytes', '.1f', 1 / mib)} MiB |",
         "",
         "Peak memory: the kernel's resident high-water mark (VmHWM, reset through /proc/self/clear_refs just before "
         "`apply`) minus the resident memory just before it, with glibc's mmap threshold fixed at 64 KiB so that freed "

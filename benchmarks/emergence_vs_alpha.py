@@ -8,15 +8,16 @@ For every model, alpha and seed: build the model from its config under ``torch.m
 ``EmergenceInit(alpha=alpha)`` (base init "auto": Kaiming-normal for the plain MLP/CNN, Xavier-uniform for the
 Transformers; alpha = 1 is the base init alone), then measure on the same batch
 
-* ``hf_emergence.emergence``: E, log10 E, E / E_max ("normalised"), with a unit active when its batch-mean
+* ``hf_emergence.emergence``: E, log10 E, E / E_max ("normalised"), with a neuron active when its batch-mean
   activation exceeds 0.05 (with ``--all_samples`` also with ``all_samples=True``: active on every sample);
 * ``hf_emergence.activation_profile``: per plan layer the active fraction, mean |output|, mean |input|, weight std
   and gradient norm after one backward pass (cross-entropy on the batch's labels);
 * ``plan.min_activation_scale()``: the U-shaped shrink the plan predicts for a bias-free homogeneous chain.
 
 and once per model and seed ``hf_emergence.suggest_alpha`` on the base-initialised model (min_scale 0.1,
-alpha_max 2.0, tol 0.01). The activation applied to a unit's output is the model's own (ReLU for the MLP/CNN, GELU for
-Marian and ViT). BatchNorm uses batch statistics (the measure's default).
+alpha_max 2.0, tol 0.01, min_active "auto": 0.5 for the models with norm layers). The activation applied to a neuron's
+value is the model's own (ReLU for the MLP/CNN, GELU for Marian and ViT). BatchNorm uses batch statistics, and a conv
+followed by a BatchNorm is read after it (the measure's defaults).
 
 Data: 130 CIFAR-10 training images (``NNNN.jpg`` with NNNN < 13 of every class in
 ``../shared/data/cifar10_jpg.tar.gz``, normalised with the usual CIFAR-10 channel mean/std) for the vision
@@ -150,7 +151,7 @@ def translation_batch(n: int = 32) -> tuple[dict[str, torch.Tensor], Any]:
 
 # ------------------------------------------------------------------------------------------------- setup
 class Case:
-    """How to build one model, its batch, the activation of its units and its loss."""
+    """How to build one model, its batch, the activation of its neurons and its loss."""
 
     def __init__(self, name: str, build: Callable[[], nn.Module], batch: Any, activation: Callable, loss_fn: Callable | None):
         self.name, self.build, self.batch, self.activation, self.loss_fn = name, build, batch, activation, loss_fn
@@ -263,18 +264,18 @@ def markdown(result: dict) -> str:
              "Measured by `benchmarks/emergence_vs_alpha.py` with `hf_emergence.emergence` / `activation_profile` / "
              "`suggest_alpha` on one fixed batch of real data. Mean ± sample std over seeds "
              f"({', '.join(map(str, result['seeds']))}); nothing here is trained.", "",
-             "Definitions (see `hf_emergence/measure.py`): a unit (Linear output feature, conv channel, a Transformer "
+             "Definitions (see `hf_emergence/measure.py`): a neuron (Linear output feature, conv channel, a Transformer "
              "block's FFN hidden neuron) is active when its batch-mean activation exceeds 0.05 ('all samples': "
              "when it does on every sample); E = sum_l (n_l - a_l) prod_{j>l} a_j per chain; E/E_max divides by its "
              "maximum at the same widths. 'min input ratio' is, over layers, the smallest mean |layer input| relative "
              "to the same seed at alpha = 1; 'planned shrink' is `plan.min_activation_scale()`, the prediction for a "
-             "bias-free homogeneous chain. A unit's value is its module's output passed through the model's activation: "
-             "for `cnn_bn` that is the conv output *before* BatchNorm (so it carries the layer's own factor alpha**k "
-             "although the next layer's input does not), for `marian` / `vit` the FFN's first projection, whose input is "
-             "the LayerNorm-ed residual stream (so 'min input ratio' stays near 1 there).", "",
+             "bias-free homogeneous chain. A neuron's value is its probed module's output passed through the model's "
+             "activation: for `cnn_bn` the conv output *after* its BatchNorm (what the next layer sees; "
+             "`neurons_at=\"output\"` would read it before), for `marian` / `vit` the FFN's first projection, whose "
+             "input is the LayerNorm-ed residual stream (so 'min input ratio' stays near 1 there).", "",
              "Data: " + result["data"], ""]
     lines += ["## Models", ""] + [f"- `{m}`: {DESCRIPTIONS[m]}" for m in summ] + [""]
-    lines += ["## suggest_alpha (min_scale 0.1, alpha_max 2.0, tol 0.01, on the base-initialised model)", "",
+    lines += ["## suggest_alpha (min_scale 0.1, alpha_max 2.0, tol 0.01, min_active auto, on the base-initialised model)", "",
               "| model | suggested alpha (mean ± std) | per seed |", "|---|---|---|"]
     for m, vals in result["suggest_alpha"].items():
         lines.append(f"| {m} | {_ms(vals, '.3f')} | {', '.join(f'{v:.3f}' for v in vals)} |")
@@ -376,7 +377,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_root", default=str(ROOT.parent / "shared" / "data"),
                    help="folder holding cifar10_jpg.tar.gz")
     p.add_argument("--all_samples", action="store_true",
-                   help="also E with all_samples=True (a unit active only if active on every sample; one more forward pass)")
+                   help="also E with all_samples=True (a neuron active only if active on every sample; one more forward pass)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "emergence_vs_alpha"))
     p.add_argument("--from_json", default=None, help="only redraw the plots and markdown from an earlier results.json")

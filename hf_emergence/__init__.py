@@ -8,15 +8,16 @@
 __version__ = "0.1.0"
 
 from .architectures import discover, get_architecture, list_architectures, register_architecture, unregister_architecture
-from .emergence_init import AlreadyAppliedError, EmergenceInit, already_applied
+from .emergence_init import EmergenceInit
+from .record import AlreadyAppliedError, already_applied
 from .layout import Block, Chain, Layout, Member
-from .measure import ActivationProfile, EmergenceScore, activation_profile, emergence, suggest_alpha
+from .measure import ActivationProfile, EmergenceScore, SuggestedAlpha, activation_profile, emergence, suggest_alpha
 from .modeling import EmergenceInitMixin, from_config, resolve_model_class
 from .plan import EmergencePlan, PlanEntry
 from .schedule import exponents, scale_factor
 
 __all__ = [
-    "ActivationProfile", "AlreadyAppliedError", "Block", "Chain", "EmergenceScore", "activation_profile", "emergence", "suggest_alpha", "EmergenceInit", "EmergenceInitMixin", "EmergencePlan", "Layout", "Member",
+    "ActivationProfile", "AlreadyAppliedError", "Block", "Chain", "EmergenceScore", "SuggestedAlpha", "activation_profile", "emergence", "suggest_alpha", "EmergenceInit", "EmergenceInitMixin", "EmergencePlan", "Layout", "Member",
     "PlanEntry", "already_applied", "discover", "exponents", "from_config", "get_architecture",
     "list_architectures", "register_architecture", "resolve_model_class", "scale_factor", "unregister_architecture",
 ]

@@ -12,7 +12,7 @@ def format_k(k: Any) -> str:
     return str(int(k)) if float(k).is_integer() else f"{k:+.1f}"
 
 
-def text_table(cols: list[str], cells: list[list[str]], left: Collection[str] = ("chain", "block", "unit", "name")) -> str:
+def text_table(cols: list[str], cells: list[list[str]], left: Collection[str] = ("chain", "block", "probe", "name")) -> str:
     """Aligned text table of already formatted cells: columns named in ``left`` left-aligned, the rest right-aligned."""
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     left_at = {i for i, c in enumerate(cols) if c in left}

@@ -9,7 +9,8 @@
 =================  =====================================================
 
 The arithmetic matches ``torch.nn.init`` exactly, so a tensor initialised here equals
-``torch.nn.init.xavier_uniform_`` (etc.) under the same RNG state.
+``torch.nn.init.xavier_uniform_`` (etc.) under the same RNG state. An FSDP2 DTensor is drawn as its full
+tensor would be, each rank keeping its slice (:func:`hf_emergence.distributed.fill_dtensor_`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 from typing import Optional
 
 import torch
+
+from .distributed import fill_dtensor_, is_dtensor
 
 BASE_INITS = ("auto", "keep", "xavier_uniform", "xavier_normal", "kaiming_normal", "kaiming_uniform")
 
@@ -37,6 +40,8 @@ def base_init_(tensor: torch.Tensor, name: str, fan_in: int, fan_out: int,
     """Fill ``tensor`` in place from the base initialiser ``name`` (a no-op for ``keep``)."""
     if name == "keep":
         return tensor
+    if is_dtensor(tensor):
+        return fill_dtensor_(tensor, lambda full: base_init_(full, name, fan_in, fan_out, generator=generator))
     std = base_std(name, fan_in, fan_out)
     if name.endswith("uniform"):
         bound = math.sqrt(3.0) * std

@@ -25,12 +25,17 @@ def model_card(*, title: str, model_class: str, settings: Optional[dict[str, Any
                license: str = "apache-2.0", usage: Optional[str] = None) -> str:
     """Markdown model card with YAML metadata: settings, plan summary, loading, training and citation.
 
-    ``settings`` is ``config.emergence_init`` (``None`` for a baseline without the init); ``metrics``
+    ``settings`` is ``config.emergence_init``: the card claims the init only when that record says it was
+    applied (``"applied": True``, written by ``apply``); ``None``, or settings that were never applied (a
+    build on the meta device), give a baseline card. ``metrics``
     maps names ("bleu", "chrf", "accuracy", "loss") to values; ``example`` names the example script
     that trains it further ("translation" or "vision"); ``usage`` replaces the stock ``from_pretrained``
     loading text (for checkpoints that are not transformers models).
     """
-    tags = ["hf-emergence", "emergence-init"] if settings else ["hf-emergence", "baseline-init"]
+    applied = isinstance(settings, dict) and bool(settings.get("applied"))
+    if not applied:
+        settings, plan = None, None
+    tags = ["hf-emergence", "emergence-init"] if applied else ["hf-emergence", "baseline-init"]
     metric_ids = sorted({METRIC_IDS[m] for m in (metrics or {}) if m in METRIC_IDS})
     data = ModelCardData(library_name="transformers", license=license, tags=tags,
                          pipeline_tag=PIPELINE_TAGS.get(task or ""), datasets=list(datasets) or None,
@@ -43,7 +48,7 @@ def model_card(*, title: str, model_class: str, settings: Optional[dict[str, Any
                   "weight layers of each chain are numbered k = -n..n around the middle and layer k's weight is "
                   "multiplied by alpha**k (early layers shrink, late layers grow).", "",
                   "## Initialisation", "", "| setting | value |", "|---|---|"]
-        lines += [f"| `{k}` | `{v}` |" for k, v in settings.items()]
+        lines += [f"| `{k}` | `{v}` |" for k, v in settings.items() if k != "fingerprint"]
     else:
         lines += [f"`{model_class}` trained from its standard initialisation (a baseline for the emergence init).", ""]
     if plan is not None:

@@ -10,12 +10,11 @@ k = -n..n, and layer k's weight is multiplied by alpha**k: early layers shrink, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ContextManager, Optional
+from typing import Any, Optional
 
 from ._warnings import warn
 import torch
@@ -23,8 +22,10 @@ import torch.nn as nn
 
 from .architectures import discover
 from .base_init import BASE_INITS
+from .distributed import check_same_rng, is_dtensor, unwrap_model, writable
 from .layout import LAYER_UNITS, UNSCALED_ROLES, logical_shape
 from .plan import EmergencePlan, build_plan
+from .record import METADATA_KEYS, AlreadyAppliedError, already_applied, record_applied
 from .schedule import EVEN_DEPTH_VARIANTS, SCALE_MODES
 from .tracing import ExampleInputs
 
@@ -37,12 +38,7 @@ SETTING_CHOICES: dict[str, tuple[str, ...]] = {
     "base_init": BASE_INITS, "scale_mode": SCALE_MODES, "even_depth": EVEN_DEPTH_VARIANTS, "chain": CHAINS,
     "attention": ATTENTION, "layer_unit": ("auto",) + LAYER_UNITS,
 }
-#: Keys written to ``config.emergence_init`` next to the settings.
-METADATA_KEYS = ("applied", "hf_emergence_version")
-
-
-class AlreadyAppliedError(RuntimeError):
-    """Raised when the init is applied to a model whose weights already carry it."""
+__all__ = ["AlreadyAppliedError", "EmergenceInit", "METADATA_KEYS", "SETTING_CHOICES", "SETTING_NAMES", "already_applied"]
 
 
 @dataclass
@@ -104,6 +100,9 @@ class EmergenceInit:
             raise TypeError(f"pivot must be an integer layer index or None, got {self.pivot!r}")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
+        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(p, str) for p in self.exclude):
+            raise TypeError(f"exclude must be a regular expression or a list of them, got {self.exclude!r} "
+                            f"({type(self.exclude).__name__})")
         self.exclude = list(self.exclude)
         for pattern in self.exclude:
             try:
@@ -155,13 +154,7 @@ class EmergenceInit:
                               type(target).__name__)
         except ValueError as err:  # e.g. a pivot outside a chain
             raise ValueError(f"cannot plan {type(target).__name__}: {err}") from None
-        n_layers = sum(plan.chains.values())
-        if n_layers < 2:
-            raise ValueError(f"{type(target).__name__} has {n_layers} weight layer(s) to scale (found via {layout.source}); "
-                             "the emergence init needs at least 2 (a chain of Linear/Conv layers)")
-        for chain, n in plan.chains.items():
-            if n == 1:
-                warn(f"chain {chain!r} of {type(target).__name__} has a single layer: it gets k=0 and is not scaled")
+        _check_chains(plan, type(target).__name__, layout.source)
         return plan
 
     @torch.no_grad()
@@ -169,9 +162,12 @@ class EmergenceInit:
               generator: Optional[torch.Generator] = None) -> EmergencePlan:
         """Base-initialise and rescale ``model`` in place (no copy; no extra full-model memory).
 
-        Returns the plan, also stored as ``model.emergence_plan``; a ``PreTrainedModel`` also gets the
-        settings in ``config.emergence_init`` (saved to config.json). Applying twice raises
-        :class:`AlreadyAppliedError` unless ``force=True``.
+        Returns the plan, also stored as ``model.emergence_plan``; the record (settings, ``applied`` and a
+        fingerprint of the weights, :mod:`hf_emergence.record`) goes to ``config.emergence_init`` (saved to
+        config.json), or to ``model.emergence_init`` for a plain module. Applying twice raises
+        :class:`AlreadyAppliedError` unless ``force=True``. A plan whose factors over- or underflow in a
+        tensor's dtype is refused before anything is changed. FSDP2 (DTensor) parameters are drawn as the
+        full tensor would be and sliced per rank, so every rank must hold the same RNG state (checked).
         """
         target = unwrap_model(model)
         on_meta = [n for n, p in target.named_parameters() if p.is_meta]
@@ -180,18 +176,21 @@ class EmergenceInit:
                 f"apply() needs real weights, but {len(on_meta)} parameter(s) of {type(target).__name__} are on the meta device "
                 f"(e.g. {on_meta[0]!r}); materialise the model first, or compute .plan(model) and apply it per shard "
                 "with plan.apply_to_state_dict_()")
-        reason = already_applied(target)
-        if reason and not force:
+        reason = None if force else already_applied(target)
+        if reason:
             raise AlreadyAppliedError(f"{type(target).__name__} already carries the emergence init ({reason}); "
                                       "pass force=True to apply it again on top")
         plan = self.plan(target, example_inputs)
         params = dict(target.named_parameters())
+        plan.check_factors({e.name: params[e.name].dtype for e in plan})
+        if plan.base_init != "keep" and any(is_dtensor(params[e.name]) for e in plan):
+            check_same_rng(generator)
         for entry in plan:
             param = params[entry.name]
-            with _writable(param):
+            with writable(param):
                 plan.apply_entry_(entry, param.data, reinit=True, generator=generator)
         target.emergence_plan = plan
-        record_in_config(target, self)
+        record_applied(target, self.to_dict(), plan)
         return plan
 
 
@@ -199,46 +198,25 @@ class EmergenceInit:
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(EmergenceInit))
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The underlying module of DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+def _check_chains(plan: EmergencePlan, model_name: str, source: str) -> None:
+    """One rule for single layers: a plan needs a chain of >= 2 layers, else nothing would be scaled.
 
-
-def already_applied(model: nn.Module) -> Optional[str]:
-    """Why ``model``'s weights already carry the init, or ``None``.
-
-    True for a model that went through :meth:`EmergenceInit.apply` in this process, and for one loaded
-    by ``from_pretrained`` from a checkpoint whose ``config.emergence_init`` says ``applied`` (loaded
-    parameters carry transformers' ``_is_hf_initialized`` flag; a fresh ``from_config`` build does not).
+    A chain's only layer gets k = 0. When every chain has one layer (one weight layer in all, or one
+    layer per chain, as with ALBERT's single shared layer), the init would change nothing, so it is
+    refused rather than recorded as applied. Weight sharing across depth cannot follow the rule: one
+    tensor used at every depth cannot carry a different factor alpha**k per depth.
     """
-    if getattr(model, "emergence_plan", None) is not None:
-        return "EmergenceInit.apply already ran on this model object"
-    spec = getattr(getattr(model, "config", None), "emergence_init", None)
-    if isinstance(spec, dict) and spec.get("applied") and any(getattr(p, "_is_hf_initialized", False) for p in model.parameters()):
-        return "its weights were loaded from a checkpoint whose config.emergence_init records the init"
-    return None
-
-
-def record_in_config(model: nn.Module, init: EmergenceInit) -> None:
-    """Store the settings in ``model.config.emergence_init`` (saved to config.json) for HF models."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return
-    from . import __version__
-
-    config.emergence_init = {**init.to_dict(), "applied": True, "hf_emergence_version": __version__}
-
-
-def _writable(param: torch.Tensor) -> ContextManager:
-    """Gather a DeepSpeed ZeRO-3 partitioned parameter for in-place edits (a no-op otherwise)."""
-    if hasattr(param, "ds_id"):
-        import deepspeed  # only reachable when the parameter was partitioned by DeepSpeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
-    return contextlib.nullcontext()
+    if not plan.chains or max(plan.chains.values()) < 2:
+        counts = ", ".join(f"{c}: {n}" for c, n in plan.chains.items()) or "none"
+        n_layers = sum(plan.chains.values())
+        raise ValueError(
+            f"{model_name} has {n_layers} weight layer(s) to scale and no chain of 2 or more (chains {counts}; found via "
+            f"{source}): the emergence init needs at least 2 in a chain, since a chain's only layer gets k=0 and nothing "
+            "would be scaled (a layer shared across depth, as in ALBERT, is one layer: one tensor cannot carry a "
+            "different alpha**k per depth); layer_unit='matrix' numbers each weight matrix instead")
+    single = [c for c, n in plan.chains.items() if n == 1]
+    for chain in single:
+        warn(f"chain {chain!r} of {model_name} has a single layer: it gets k=0 and is not scaled")
+    if single:
+        plan.notes.append(f"chain(s) {', '.join(single)} have a single layer: k=0, not scaled (a layer shared across "
+                          "depth counts once: one tensor cannot carry a different alpha**k per depth)")

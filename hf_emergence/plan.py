@@ -7,16 +7,19 @@ and can be applied tensor by tensor, which is what sharded training needs (see `
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 
 from ._text import format_k
 from .base_init import base_init_
+from .distributed import check_same_rng, is_dtensor
 from .layout import SHORTCUT, UNSCALED_ROLES, Layout, Member
 from .schedule import exponents, middle_shrink, scale_factor, warn_if_extreme
 
@@ -62,7 +65,14 @@ class PlanEntry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PlanEntry":
-        return cls(**{**d, "shape": tuple(d["shape"]), "aliases": tuple(d.get("aliases", ()))})
+        if not isinstance(d, dict):
+            raise TypeError(f"expected an object, got {type(d).__name__}")
+        entry = cls(**{**d, "shape": tuple(d["shape"]), "aliases": tuple(d.get("aliases", ()))})
+        if not isinstance(entry.name, str) or not all(isinstance(s, int) and s >= 0 for s in entry.shape):
+            raise ValueError(f"bad name or shape in {d!r:.120}")
+        if not isinstance(entry.factor, (int, float)) or isinstance(entry.factor, bool):
+            raise ValueError(f"factor of {entry.name!r} is {entry.factor!r}, not a number")
+        return entry
 
 
 @dataclass
@@ -105,6 +115,13 @@ class EmergencePlan:
         return out
 
     # ---- application, tensor by tensor --------------------------------------------------------------
+    def check_factors(self, dtypes: Mapping[str, torch.dtype]) -> None:
+        """Refuse the plan if a factor is not finite and non-zero in its tensor's dtype (``{name: dtype}``)."""
+        for e in self.entries:
+            dtype = dtypes.get(e.name)
+            if e.scaled and dtype is not None:
+                _check_factor(e, dtype)
+
     @torch.no_grad()
     def apply_entry_(self, entry: PlanEntry, tensor: torch.Tensor, reinit: bool = True,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -113,27 +130,72 @@ class EmergencePlan:
         The base initialisers depend only on the full tensor's fans (stored in the entry), so a shard
         is drawn from exactly the distribution the whole tensor would be.
         """
+        if entry.scaled:
+            _check_factor(entry, tensor.dtype)
         if reinit:
             base_init_(tensor, entry.init or self.base_init, entry.fan_in, entry.fan_out, generator=generator)
-        if entry.factor != 1.0:
+        if entry.scaled:
             tensor.mul_(entry.factor)
         return tensor
 
-    def apply_to_state_dict_(self, state_dict: dict[str, torch.Tensor], reinit: bool = True,
-                             generator: Optional[torch.Generator] = None) -> list[str]:
-        """Apply the plan to the planned tensors present in ``state_dict`` (e.g. one rank's shard).
+    def apply_to_state_dict_(self, state_dict: Mapping[str, torch.Tensor], reinit: bool = True,
+                             generator: Optional[torch.Generator] = None, *, key_map: Optional[Mapping[str, str]] = None,
+                             partial: bool = False) -> list[str]:
+        """Apply the plan to the planned tensors of ``state_dict``, in place; returns the entry names handled.
 
-        Each tensor is handled once even when several names point to it; returns the names handled.
+        ``state_dict`` is a whole model's, one rank's local shards (FSDP2 ``p.to_local()``), or one file of a
+        checkpoint. Its keys are the plan's parameter names (or aliases), or are mapped to them by
+        ``key_map`` (``{key: parameter name}``; :func:`hf_emergence.checkpoint.checkpoint_key_map` gives it
+        for checkpoints that transformers saves under other names, such as ViT's 4.x keys).
+
+        * Each entry is applied once per storage: a tied weight listed under two names (as in
+          ``model.state_dict()``) is scaled once; two separate copies of it are each scaled.
+        * A tensor must be the planned tensor or a shard of it: the same shape, the same trailing dims and
+          at most as many rows (dim-0 shards), or 1-d with at most as many elements (flat shards).
+        * Unless ``partial=True`` (one file of several: check their union with :meth:`check_complete`),
+          every entry must be found; otherwise nothing is changed and a ValueError names the missing ones.
         """
         by_name = {n: e for e in self.entries for n in (e.name, *e.aliases)}
-        done, seen = [], set()
-        for name, tensor in state_dict.items():
-            entry = by_name.get(name)
-            if entry is not None and id(tensor) not in seen:
-                seen.add(id(tensor))
-                self.apply_entry_(entry, tensor, reinit=reinit, generator=generator)
-                done.append(name)
+        key_map = key_map or {}
+        matches: list[tuple[PlanEntry, torch.Tensor]] = []
+        for key, tensor in state_dict.items():
+            entry = by_name.get(key_map.get(key, key))
+            if entry is not None:
+                _check_shard(entry, key, tensor)
+                matches.append((entry, tensor))
+        if not partial:
+            self.check_complete([e.name for e, _ in matches], keys=list(state_dict))
+        if reinit and self.base_init != "keep" and any(is_dtensor(t) for _, t in matches):
+            check_same_rng(generator)           # DTensors are drawn whole on every rank (a collective)
+        done: list[str] = []
+        seen: set[tuple[str, int, int]] = set()
+        for entry, tensor in matches:
+            storage = _storage_key(tensor)
+            if (entry.name, *storage) in seen:
+                continue
+            seen.add((entry.name, *storage))
+            self.apply_entry_(entry, tensor, reinit=reinit, generator=generator)
+            if entry.name not in done:
+                done.append(entry.name)
         return done
+
+    def check_complete(self, handled: Iterable[str], keys: Optional[Iterable[str]] = None) -> None:
+        """Raise a ValueError naming the plan entries missing from ``handled`` (names or aliases).
+
+        ``keys`` (the state dict's keys, if known) are quoted to show what the names looked like instead.
+        """
+        by_name = {n: e.name for e in self.entries for n in (e.name, *e.aliases)}
+        found = {by_name[n] for n in handled if n in by_name}
+        missing = [e.name for e in self.entries if e.name not in found]
+        if not missing:
+            return
+        hint = ""
+        if keys is not None:
+            keys = list(keys)
+            hint = (f"; the state dict has {len(keys)} key(s), e.g. {_some(keys)}: if it uses other key names (transformers 5 "
+                    "saves ViT under its 4.x names) pass key_map=hf_emergence.checkpoint.checkpoint_key_map(model, keys)")
+        raise ValueError(f"the state dict matched {len(found)} of the plan's {len(self.entries)} tensors; missing: "
+                         f"{_some(missing)}{hint}")
 
     # ---- serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -147,14 +209,37 @@ class EmergencePlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EmergencePlan":
-        return cls(settings=d["settings"], base_init=d["base_init"], layer_unit=d["layer_unit"], source=d["source"],
-                   model=d["model"], entries=[PlanEntry.from_dict(e) for e in d["entries"]],
-                   chains=dict(d.get("chains", {})), notes=list(d.get("notes", [])),
-                   left_out=[(str(n), str(r)) for n, r in d.get("left_out", [])])
+        """Rebuild from :meth:`to_dict` output; anything else is one ValueError saying what is wrong."""
+        try:
+            if not isinstance(d, dict):
+                raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+            missing = [k for k in ("settings", "base_init", "layer_unit", "source", "model", "entries") if k not in d]
+            if missing:
+                raise KeyError(f"missing key(s) {', '.join(missing)}")
+            if not isinstance(d["entries"], list) or not isinstance(d["settings"], dict):
+                raise TypeError("'entries' must be a list and 'settings' an object")
+            entries = []
+            for i, e in enumerate(d["entries"]):
+                try:
+                    entries.append(PlanEntry.from_dict(e))
+                except (TypeError, KeyError, ValueError) as err:
+                    raise ValueError(f"entry {i}: {err}") from None
+            return cls(settings=d["settings"], base_init=d["base_init"], layer_unit=d["layer_unit"], source=d["source"],
+                       model=d["model"], entries=entries, chains=dict(d.get("chains", {})), notes=list(d.get("notes", [])),
+                       left_out=[(str(n), str(r)) for n, r in d.get("left_out", [])])
+        except (TypeError, KeyError, ValueError) as err:
+            raise ValueError(f"not an EmergencePlan: {str(err).strip(chr(39))}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "EmergencePlan":
-        return cls.from_dict(json.loads(text))
+        """Rebuild from :meth:`to_json` text; bad text is one ValueError naming the line and column."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not an EmergencePlan: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        except TypeError:
+            raise ValueError(f"not an EmergencePlan: expected JSON text, got {type(text).__name__}") from None
+        return cls.from_dict(data)
 
     # ---- summaries ----------------------------------------------------------------------------------
     def layers(self) -> list[dict[str, Any]]:
@@ -289,3 +374,51 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
                          model=model_name, entries=entries, chains=counts, notes=notes, left_out=left_out)
     warn_if_extreme(settings["alpha"], [e.k for e in entries if e.k is not None], settings["scale_mode"], model_name)
     return plan
+
+
+@functools.lru_cache(maxsize=1024)
+def _factor_in_dtype(factor: float, dtype: torch.dtype) -> str:
+    """"" if ``factor`` is finite and non-zero in ``dtype``, else "infinite" or "zero"."""
+    value = torch.tensor(factor, dtype=torch.float64).to(dtype)
+    if not math.isfinite(factor) or not torch.isfinite(value):
+        return "infinite"
+    return "zero" if value == 0 else ""
+
+
+def _check_factor(entry: PlanEntry, dtype: torch.dtype) -> None:
+    """A factor must be finite and non-zero in the tensor's dtype (alpha**k over- or underflows otherwise)."""
+    if not dtype.is_floating_point:
+        return
+    what = _factor_in_dtype(entry.factor, dtype)
+    if not what:
+        return
+    raise ValueError(f"{entry.name} (chain {entry.chain!r}, layer {entry.layer}) would be multiplied by "
+                     f"alpha**{format_k(entry.k)} = {entry.factor:.4g}, which is {what} in {str(dtype).replace('torch.', '')}: "
+                     "choose an alpha closer to 1")
+
+
+def _check_shard(entry: PlanEntry, key: str, tensor: torch.Tensor) -> None:
+    """``tensor`` is the planned tensor, a dim-0 shard of it, or a flat 1-d shard; else a ValueError."""
+    shape = tuple(tensor.shape)
+    full = tuple(entry.shape)
+    if shape == full:
+        return
+    if len(shape) == len(full) and shape[1:] == full[1:] and shape[:1] <= full[:1]:
+        return
+    if len(shape) == 1 and shape[0] <= entry.numel:
+        return
+    raise ValueError(f"{key!r} has shape {list(shape)}, but the plan's {entry.name!r} is {list(full)} "
+                     "(expected that shape, a dim-0 shard of it or a flat shard of at most its size)")
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
+    """Where a tensor's data lives: two views of one storage at one offset are one tensor."""
+    try:
+        return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
+    except Exception:  # tensors without a plain storage (some subclasses)
+        return id(tensor), 0
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")

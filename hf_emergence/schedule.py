@@ -58,7 +58,10 @@ def scale_factor(alpha: float, k: Exponent, scale_mode: str = "weight") -> float
     """The multiplier for a weight with exponent ``k``: alpha**k, or alpha**(k/2) in variance mode."""
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode={scale_mode!r} is not one of {', '.join(SCALE_MODES)}")
-    return float(alpha ** (k if scale_mode == "weight" else k / 2))
+    try:
+        return float(alpha ** (k if scale_mode == "weight" else k / 2))
+    except OverflowError:  # beyond the float range: the plan keeps inf and apply() refuses it by name
+        return math.inf
 
 
 def middle_shrink(alpha: float, ks: list[Exponent], scale_mode: str = "weight") -> float:
@@ -69,7 +72,7 @@ def middle_shrink(alpha: float, ks: list[Exponent], scale_mode: str = "weight") 
     """
     running, smallest = 0.0, 0.0
     for k in ks:
-        running += math.log(scale_factor(alpha, k, scale_mode))
+        running += (k if scale_mode == "weight" else k / 2) * math.log(alpha)   # log space: no overflow
         smallest = min(smallest, running)
     return math.exp(smallest)
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from hf_emergence import AlreadyAppliedError, EmergenceInit, EmergencePlan
 from hf_emergence.base_init import base_init_, base_std
-from tiny_models import EXAMPLE_INPUTS, FACTORIES, FALLBACK, MLP, REGISTERED
+from tiny_models import EXAMPLE_INPUTS, FACTORIES, FALLBACK, MLP, REGISTERED, SINGLE_LAYER
 
 
 def _build(name, seed=0):
@@ -107,12 +107,13 @@ def test_base_init_matches_torch_nn_init(base_init):
 def test_base_init_then_scale_gives_planned_std(base_init):
     torch.manual_seed(0)
     model = MLP(widths=(256, 256, 256, 256, 256, 256))
+    biases = {i: m.bias.detach().clone() for i, m in enumerate(model) if isinstance(m, nn.Linear)}
     plan = EmergenceInit(alpha=1.5, base_init=base_init).apply(model)
     params = dict(model.named_parameters())
     for e in plan:
         expected = base_std(base_init, e.fan_in, e.fan_out) * e.factor
         assert params[e.name].std().item() == pytest.approx(expected, rel=0.02)
-    assert all(torch.equal(m.bias, m.bias) for m in model if isinstance(m, nn.Linear))
+    assert all(torch.equal(m.bias, biases[i]) for i, m in enumerate(model) if isinstance(m, nn.Linear))
 
 
 def test_apply_touches_only_planned_tensors_under_base_init():
@@ -245,10 +246,93 @@ def test_alpha_below_one_warns():
 
 
 def test_model_with_fewer_than_two_weight_layers_is_refused():
-    with pytest.raises(ValueError, match=r"Linear has 1 weight layer\(s\) to scale.*needs at least 2"):
+    with pytest.raises(ValueError, match=r"Linear has 1 weight layer\(s\) to scale and no chain of 2 or more.*needs at least 2"):
         EmergenceInit().apply(nn.Linear(3, 3))
     with pytest.raises(ValueError, match=r"has 0 weight layer\(s\)"):
         EmergenceInit().apply(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+
+
+@pytest.mark.parametrize("name", list(SINGLE_LAYER))
+def test_one_rule_for_single_layers_refuses_and_records_nothing(name):
+    """One weight layer, or one layer in every chain (ALBERT's shared layer): nothing would be scaled, so it is refused."""
+    torch.manual_seed(0)
+    model = SINGLE_LAYER[name]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"no chain of 2 or more.*nothing would be scaled.*shared across depth"):
+        EmergenceInit(alpha=1.3).apply(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert getattr(getattr(model, "config", model), "emergence_init", None) is None
+    assert getattr(model, "emergence_plan", None) is None
+
+
+def test_a_single_layer_chain_beside_longer_ones_is_noted_and_left_alone():
+    class TwoChains(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleList([nn.Linear(8, 8, bias=False) for _ in range(3)])
+            self.head = nn.ModuleList([nn.Linear(8, 8, bias=False)])
+
+    from hf_emergence import Block, Chain, Layout, register_architecture, unregister_architecture
+    from hf_emergence.layout import member_for
+
+    model = TwoChains()
+    model.config = type("Cfg", (), {"model_type": "two_chains_test", "to_dict": lambda self: {}})()
+    layout = Layout([Chain(c, [Block(f"{c}.{i}", [member_for(f"{c}.{i}", m)]) for i, m in enumerate(getattr(model, c))])
+                     for c in ("encoder", "head")], layer_unit="block", base_init="keep", source="registry:two_chains_test")
+    register_architecture("two_chains_test")(lambda m: layout)
+    try:
+        with pytest.warns(UserWarning, match="chain 'head' of TwoChains has a single layer"):
+            plan = EmergenceInit(alpha=1.3, base_init="keep").apply(model)
+    finally:
+        unregister_architecture("two_chains_test")
+    assert plan.chains == {"encoder": 3, "head": 1} and plan["head.0.weight"].factor == 1.0
+    assert any("single layer" in n and "shared across depth" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("alpha, dtype, what", [(1e30, torch.float32, "zero"), (1e200, torch.float32, "zero"),
+                                                 (300.0, torch.float16, "infinite"), (1e-30, torch.float32, "infinite")])
+def test_factors_that_overflow_in_the_dtype_are_refused_by_name(alpha, dtype, what):
+    torch.manual_seed(0)
+    model = MLP().to(dtype)
+    before = [p.clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # alpha < 1 warns by design
+        init = EmergenceInit(alpha=alpha, base_init="keep")
+    with pytest.raises(ValueError, match=rf"^\S+\.weight \(chain 'model', layer \d\) would be multiplied by alpha\*\*-?\d = .*which is {what} in {str(dtype)[6:]}: choose an alpha closer to 1$"):
+        init.apply(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))   # nothing changed
+
+
+def test_the_cli_refuses_an_alpha_whose_factors_overflow(tmp_path, capsys):
+    from hf_emergence.cli import main
+
+    out = tmp_path / "vit"
+    code = main(["init", "--model_type", "vit", "--config_overrides", "num_hidden_layers=3,hidden_size=16,"
+                 "num_attention_heads=2,intermediate_size=32,image_size=16,patch_size=4", "--alpha", "1e200",
+                 "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not out.exists()
+    assert "layers.0.attention.v_proj.weight (chain 'encoder', layer 0) would be multiplied by alpha**-1 = 1e-200, " \
+           "which is zero in float32" in err[0]
+
+
+def test_bad_plan_text_is_one_clear_error():
+    good = EmergenceInit(alpha=1.2).plan(_build("marian")).to_json()
+    for text, match in [("{not json", r"^not an EmergencePlan: invalid JSON at line 1 column 2"),
+                        ("[1, 2]", r"^not an EmergencePlan: expected a JSON object, got list$"),
+                        ('{"model": "M"}', r"^not an EmergencePlan: missing key\(s\) settings, base_init"),
+                        (good.replace('"shape": [', '"shape": ["x", ', 1), r"^not an EmergencePlan: entry 0: bad name or shape"),
+                        (good.replace('"fan_in"', '"fan_inn"', 1), r"^not an EmergencePlan: entry 0: .*fan_inn"),
+                        (None, r"^not an EmergencePlan: expected JSON text, got NoneType$")]:
+        with pytest.raises(ValueError, match=match):
+            EmergencePlan.from_json(text)
+
+
+def test_exclude_of_the_wrong_type_is_a_clear_type_error():
+    with pytest.raises(TypeError, match=r"^exclude must be a regular expression or a list of them, got 3 \(int\)$"):
+        EmergenceInit(exclude=3)
+    with pytest.raises(TypeError, match=r"got \['a', 3\] \(list\)"):
+        EmergenceInit(exclude=["a", 3])
 
 
 def test_pivot_outside_a_chain_is_refused():
@@ -261,33 +345,6 @@ def test_apply_refuses_meta_tensors():
         model = FACTORIES["vit"]()
     with pytest.raises(ValueError, match=r"apply\(\) needs real weights, but \d+ parameter\(s\) of ViTForImageClassification are on the meta device"):
         EmergenceInit().apply(model)
-
-
-def test_deepspeed_zero3_parameters_are_gathered(monkeypatch):
-    """A ZeRO-3 partitioned parameter is edited inside deepspeed.zero.GatheredParameters(modifier_rank=0)."""
-    import sys
-    import types
-
-    gathered = []
-
-    class GatheredParameters:
-        def __init__(self, params, modifier_rank=None):
-            gathered.append((tuple(id(p) for p in params), modifier_rank))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    fake = types.ModuleType("deepspeed")
-    fake.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
-    monkeypatch.setitem(sys.modules, "deepspeed", fake)
-    model = MLP()
-    for p in model.parameters():
-        p.ds_id = 0
-    plan = EmergenceInit().apply(model)
-    assert len(gathered) == len(plan) and all(rank == 0 for _, rank in gathered)
 
 
 @pytest.mark.parametrize("name", REGISTERED)

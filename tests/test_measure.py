@@ -129,7 +129,7 @@ def test_transformer_block_units_are_the_ffn_hidden_neurons():
     score = emergence(bert, {"input_ids": ids})
     assert [(r["layer"], r["n"]) for r in score.per_layer] == [(0, 32), (1, 32), (2, 32)]   # intermediate_size
     rows = activation_profile(bert, {"input_ids": ids}).rows
-    assert [r["unit"] for r in rows] == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(3)]
+    assert [r["probe"] for r in rows] == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(3)]
 
     marian = FACTORIES["marian"]()
     score = emergence(marian, {"input_ids": ids, "decoder_input_ids": ids})
@@ -231,6 +231,7 @@ def test_suggest_alpha_bounds_the_middle_shrink_of_a_plain_deep_net():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _CountingMLP.calls = 0
     alpha = suggest_alpha(model, x, min_scale=0.1, tol=1e-3)
+    assert alpha.bound == "input" and alpha.min_active is None            # no norm layers: the input bound alone
     assert _CountingMLP.calls <= 2 + math.ceil(math.log2(1 / 1e-3)) + 1   # alpha=1, alpha_max, bisection (+ trace)
 
     def shrink(a):
@@ -246,9 +247,11 @@ def test_suggest_alpha_with_batchnorm_returns_alpha_max():
     torch.manual_seed(0)
     model, x = _bn_net(), torch.randn(32, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert suggest_alpha(model, x, min_scale=0.1, alpha_max=2.0) == 2.0
+    alpha = suggest_alpha(model, x, min_scale=0.1, alpha_max=2.0)
+    assert alpha == 2.0 and alpha.bound == "alpha_max" and alpha.min_active == 0.5   # a net with norm layers
     # with BatchNorm on fresh running stats (identity) the chain shrinks like a plain one: alpha**-6 >= 0.1
-    assert suggest_alpha(model, x, min_scale=0.1, bn_stats="running") == pytest.approx(10 ** (1 / 6), abs=2e-3)
+    alpha = suggest_alpha(model, x, min_scale=0.1, bn_stats="running", min_active=None)
+    assert alpha == pytest.approx(10 ** (1 / 6), abs=2e-3) and alpha.bound == "input"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -297,15 +300,57 @@ def test_suggest_alpha_min_active_protects_a_pre_layernorm_transformer():
     del model.emergence_plan
     model.config.emergence_init = None
     x = torch.randn(16, 3, 32, 32)
-    assert suggest_alpha(model, x, alpha_max=4.0, tol=1e-2) == 4.0
+    assert suggest_alpha(model, x, alpha_max=4.0, tol=1e-2, min_active=None) == 4.0     # the input bound alone
 
     def active(alpha: float) -> list[int]:
         scaled = copy.deepcopy(model)
         EmergenceInit(alpha=alpha, base_init="keep").apply(scaled)
         return [row["a"] for row in emergence(scaled, x).per_layer]
 
-    alpha = suggest_alpha(model, x, alpha_max=4.0, tol=1e-2, min_active=0.5)
+    alpha = suggest_alpha(model, x, alpha_max=4.0, tol=1e-2)             # the default: min_active 0.5 with norm layers
+    assert alpha.min_active == 0.5 and alpha.bound == "active"
+    assert alpha == suggest_alpha(model, x, alpha_max=4.0, tol=1e-2, min_active=0.5)
     base, at_alpha = active(1.0), active(alpha)
     assert 1.0 < alpha < 4.0
     assert all(a >= 0.5 * b for a, b in zip(at_alpha, base))
     assert any(a < 0.5 * b for a, b in zip(active(4.0), base))           # what stopped it: the first FFN dies
+
+
+def test_padding_is_left_out_of_neuron_activity():
+    """The same two sentences, once exactly as long as the longest and once padded to 9 tokens, measure the same."""
+    torch.manual_seed(0)
+    bert = FACTORIES["bert"]().eval()
+    ids = torch.randint(3, 64, (2, 5))
+    ids[1, 3:] = 0                                              # sentence 2 has 3 real tokens
+    tight = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    padded_ids = torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], 1)
+    padded = {"input_ids": padded_ids, "attention_mask": (padded_ids != 0).long()}
+    plan = EmergenceInit(alpha=1.0, base_init="keep").plan(bert)
+    a, b = activation_profile(bert, tight, plan=plan).rows, activation_profile(bert, padded, plan=plan).rows
+    for x, y in zip(a, b):
+        assert y["mean_abs"] == pytest.approx(x["mean_abs"], rel=1e-4) and y["in_abs"] == pytest.approx(x["in_abs"], rel=1e-4)
+        assert y["active_fraction"] == x["active_fraction"]
+    assert [r["a"] for r in emergence(bert, padded, plan=plan).per_layer] == \
+        [r["a"] for r in emergence(bert, tight, plan=plan).per_layer]
+    unmasked = activation_profile(bert, {"input_ids": padded_ids}, plan=plan).rows     # no mask: padding counts
+    assert any(u["mean_abs"] != pytest.approx(x["mean_abs"], rel=1e-4) for u, x in zip(unmasked, a))
+
+
+def test_batchnorm_nets_are_measured_after_the_batchnorm_by_default():
+    """What the next layer sees does not change with a layer's own scale; the layer's raw output does."""
+    torch.manual_seed(0)
+    for model, x in ((_bn_net(), torch.randn(32, 16)), (FACTORIES["cnn"](), torch.randn(8, 3, 16, 16))):
+        scaled = copy.deepcopy(model)
+        EmergenceInit(alpha=2.0, base_init="keep").apply(scaled, example_inputs=x)
+        normalised = [r["a"] for r in emergence(model, x, plan=scaled.emergence_plan).per_layer]
+        assert [r["a"] for r in emergence(scaled, x).per_layer][:-1] == normalised[:-1]   # the head has no BatchNorm
+        raw = [r["a"] for r in emergence(scaled, x, neurons_at="output").per_layer]
+        assert raw[:-1] != [r["a"] for r in emergence(model, x, plan=scaled.emergence_plan, neurons_at="output").per_layer][:-1]
+        probe = activation_profile(model, x, plan=scaled.emergence_plan).rows[0]
+        layer = model.get_submodule(probe["probe"])
+        bn = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        bn_train = copy.deepcopy(bn).train()
+        expected = torch.relu(bn_train(layer(x))).flatten(2).mean(2) if x.dim() == 4 else torch.relu(bn_train(layer(x)))
+        assert probe["active_fraction"] == float((expected.double().mean(0) > 0.05).double().mean())
+    with pytest.raises(ValueError, match=r"neurons_at='before' is not one of: after_batchnorm, output"):
+        emergence(_bn_net(), torch.randn(4, 16), neurons_at="before")

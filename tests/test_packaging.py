@@ -20,8 +20,11 @@ def test_readme_opens_with_two_fresh_machine_commands():
 
 
 def test_ci_runs_exactly_the_readme_test_command():
+    """Then one more step: the opt-in DeepSpeed ZeRO-3 tests, with deepspeed installed into the same venv."""
     ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
-    assert ci_lines == [_readme_commands()[1]]
+    assert ci_lines[0] == _readme_commands()[1]
+    assert ci_lines[1:] == ['. .venv/bin/activate && pip install -e ".[deepspeed]" && HF_EMERGENCE_TEST_DEEPSPEED=1 '
+                            'python -m pytest -q tests/test_distributed.py -k zero3']
 
 
 def test_the_console_script_entry_point_is_the_cli_main():

@@ -246,7 +246,9 @@ def test_xavier_baseline_redraws_the_same_tensors_without_scaling():
         assert torch.equal(e[name], x[name] * factor), name         # same draws, scaled by alpha**k
         assert not torch.equal(x[name], d[name]), name               # the baseline re-drew it (xavier, not the model's own)
     untouched = [k for k in e if k not in factors]
-    assert untouched and all(torch.equal(e[k], x[k]) and torch.equal(e[k], d[k]) for k in untouched)
+    # both re-drawing arms skip transformers' draws of the planned tensors (drawn once), so they share every other
+    # tensor; the default arm draws those too, so its other random tensors come from other stream positions
+    assert untouched and all(torch.equal(e[k], x[k]) for k in untouched)
 
 
 @pytest.mark.parametrize("optimizer, power", [("adamw", 1), ("sgd", 2)])

@@ -355,3 +355,23 @@ class StatefulNet(nn.Module):
         self.calls += 1
         x = self.a(x) + 0.0 * torch.rand_like(x)
         return self.b(self.norm(x))
+
+
+def _albert() -> nn.Module:
+    """ALBERT: one layer's weights shared across all 4 depths (not registered)."""
+    config = AutoConfig.for_model("albert", num_hidden_layers=4, hidden_size=16, embedding_size=8, num_attention_heads=2,
+                                  intermediate_size=32, vocab_size=64, max_position_embeddings=32, num_labels=3)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def _marian_one_layer_per_chain() -> nn.Module:
+    config = AutoConfig.for_model("marian", **dict(_SEQ2SEQ, encoder_layers=1, decoder_layers=1))
+    return AutoModelForSeq2SeqLM.from_config(config)
+
+
+#: Models whose every chain has a single layer: the init would scale nothing, so planning them is refused.
+SINGLE_LAYER: dict[str, Callable[[], nn.Module]] = {
+    "linear": lambda: nn.Linear(3, 3),
+    "albert": _albert,
+    "marian_1+1": _marian_one_layer_per_chain,
+}

@@ -76,9 +76,11 @@ def run(args: argparse.Namespace) -> None:
         if args.model and plan.base_init != "keep":
             notes.append(f"base_init={plan.base_init} re-draws these weights before scaling them; "
                          "--base_init keep scales the checkpoint's own weights")
-        if args.model:
-            seed(args.seed)                           # the draws of a non-keep base init
-        tensors, per_layer = stds_before_after(model, plan)
+        built = not args.model and plan.base_init != "keep"
+        seed(args.seed)                               # the draws of a non-keep base init
+        if built:  # from_config draws each planned tensor once, after transformers' init: build exactly as `init` does
+            model = build(concrete, config, init=init)
+        tensors, per_layer = stds_before_after(model, plan, built=built)
         for r in rows:
             before, after = per_layer.get((r["chain"], r["layer"]), (None, None))
             r["std_before"], r["std_after"] = before, after
@@ -132,13 +134,17 @@ def tensor_std(t: torch.Tensor) -> Optional[float]:
 
 
 @torch.no_grad()
-def stds_before_after(model: Any, plan: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, int], tuple]]:
-    """Draw and scale every planned tensor on a copy, in plan order, exactly as ``EmergenceInit.apply`` does."""
+def stds_before_after(model: Any, plan: Any, built: bool = False) -> tuple[list[dict[str, Any]], dict[tuple[str, int], tuple]]:
+    """Draw and scale every planned tensor on a copy, in plan order, exactly as ``EmergenceInit.apply`` does
+    (``built``: ``model`` already carries the init; its weights divided by the factors are the base draws)."""
     params = dict(model.named_parameters())
     tensors, layers = [], {}
     for entry in plan:
         t = params[entry.name].detach().clone()
-        plan.apply_entry_(dataclasses.replace(entry, factor=1.0), t, reinit=True)   # the base init only
+        if built:
+            t.div_(entry.factor)                                                    # back to the base draw
+        else:
+            plan.apply_entry_(dataclasses.replace(entry, factor=1.0), t, reinit=True)   # the base init only
         before = tensor_std(t)
         if entry.layer is not None:
             layers.setdefault((entry.chain, entry.layer), (Moments(), Moments()))[0].add(t)

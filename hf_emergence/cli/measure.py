@@ -35,7 +35,7 @@ def add_parser(sub: Any, formatter_class: type) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     g.add_argument("--save_inputs", default=None, help="write the batch used to this .safetensors file")
     g = p.add_argument_group("measurement")
-    g.add_argument("--threshold", type=float, default=0.05, help="a unit is active above this mean activation (default: 0.05)")
+    g.add_argument("--threshold", type=float, default=0.05, help="a neuron is active above this mean activation (default: 0.05)")
     g.add_argument("--all_samples", action="store_true", help="active only if every sample exceeds the threshold")
     g.add_argument("--layers", default="recorded", choices=("recorded", "default"),
                    help="which layers are measured: 'recorded' (default) plans them with the settings recorded in the "

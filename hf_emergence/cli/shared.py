@@ -126,9 +126,14 @@ def seed(value: int) -> None:
     set_seed(value)
 
 
-def build(concrete: type, config: Any, *, meta: bool = False, **kwargs: Any) -> Any:
-    """``concrete._from_config(config)`` (on the meta device when ``meta``); a config it cannot build is a CLIError."""
+def build(concrete: type, config: Any, *, meta: bool = False, init: Optional[EmergenceInit] = None, **kwargs: Any) -> Any:
+    """``concrete._from_config(config)`` (on the meta device when ``meta``; with ``init``, through
+    :func:`hf_emergence.from_config`, as ``init`` builds); a config it cannot build is a CLIError."""
     try:
+        if init is not None:
+            from ..modeling import from_config
+
+            return from_config(concrete, config, init, **kwargs)
         if meta:
             with torch.device("meta"):
                 return concrete._from_config(config, **kwargs)
