@@ -84,14 +84,19 @@ def alpha_within(max_k: Exponent, scale_mode: str = "weight", bound: float = FAC
 
 
 def warn_if_extreme(alpha: float, ks: Sequence[Exponent], scale_mode: str = "weight", what: str = "the model") -> None:
-    """Warn when a factor alpha**k leaves [1/FACTOR_RANGE, FACTOR_RANGE], naming the alpha that keeps it."""
+    """Warn when a factor alpha**k leaves [1/FACTOR_RANGE, FACTOR_RANGE], naming the alpha that keeps it.
+
+    Factors that over- or underflow float32 are left to ``apply``, which refuses them by name.
+    """
     if not ks:
         return
     max_k = max(abs(k) for k in ks)
     largest = max(scale_factor(alpha, max_k, scale_mode), scale_factor(alpha, -max_k, scale_mode))
-    if largest <= FACTOR_RANGE:
+    if largest <= FACTOR_RANGE or not largest < 1e37:
         return
+    bound = alpha_within(max_k, scale_mode)
+    keep = f"alpha <= {bound:.4g}" if alpha > 1 else f"alpha >= {1 / bound:.4g}"
     warn(f"alpha={alpha} on {what}: exponents reach |k|={format(max_k, 'g')}, so factors span "
-         f"{1 / largest:.2g} to {largest:.2g}; alpha <= {alpha_within(max_k, scale_mode):.4g} keeps every factor within "
+         f"{1 / largest:.2g} to {largest:.2g}; {keep} keeps every factor within "
          f"[{1 / FACTOR_RANGE:g}, {FACTOR_RANGE:g}] (or shorten the chains: layer_unit='block', chain='stage'; "
          "hf_emergence.suggest_alpha(model) picks alpha from measured activations)")
