@@ -20,7 +20,8 @@ consistency (tied widths: the built batch no longer runs), the depth alone is sh
 * ``meta``: the same config built under ``torch.device("meta")`` and planned there (no weights); whether its
   plan (names, factors) equals the plan of the real model (``meta_agrees``).
 
-A "crash" is an exception raised by hf_emergence in ``plan`` or in applying it. Each model runs in a forked worker
+A "crash" is an exception raised by hf_emergence in ``plan`` or in applying it; a model whose every chain has
+one layer is "refused" (the plan's single-layer rule: nothing would be scaled), counted apart. Each model runs in a forked worker
 with a time limit (``--timeout``); results are appended to ``results.jsonl`` in ``--out`` as they come, so an
 interrupted run continues where it stopped (a type that overran its time is measured again). The report (``coverage.json``, ``coverage.md``) is rewritten at
 the end, or on its own with ``--report``.
@@ -127,6 +128,9 @@ def shrink(config: Any, widths: bool = True, _seen: Optional[set] = None) -> Any
             section = [half // parts] * parts
             section[0] += half - sum(section)
             setattr(config, name, {**value, "mrope_section": section})
+    expand, heads_ = fields.get("expand"), fields.get("num_heads")
+    if widths and isinstance(expand, int) and isinstance(heads_, int) and isinstance(fields.get("head_dim"), int):
+        config.head_dim = max(1, expand * fields.get("hidden_size", 32) // heads_)  # Mamba-2: heads x head_dim = expand x width
     if "prediction_length" in fields and fields["prediction_length"] is None:  # time-series models require it
         config.prediction_length = 4
     if isinstance(fields.get("depths"), (list, tuple)):
@@ -211,8 +215,9 @@ def measure(model_type: str) -> dict[str, Any]:
             except Exception:
                 pass  # the milder shrink does not build or plan: keep the first model
     except Exception as err:
-        row.update(status="crash", stage="plan", error=_first_line(err), trace=traceback.format_exc(limit=-3),
-                   seconds=round(time.perf_counter() - t0, 2))
+        refused = isinstance(err, ValueError) and "no chain of 2 or more" in str(err)  # the single-layer rule
+        row.update(status="refused" if refused else "crash", stage="plan", error=_first_line(err),
+                   trace=traceback.format_exc(limit=-3), seconds=round(time.perf_counter() - t0, 2))
         return row
     weights = weight_params(model)
     planned = {n for e in plan for n in (e.name, *e.aliases)}
@@ -324,6 +329,7 @@ def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "model_types": len(rows), "unbuildable": len(rows) - len(built), "built": len(built),
         "crashes": sorted(r["model_type"] for r in built if r["status"] == "crash"),
+        "refused": sorted(r["model_type"] for r in built if r["status"] == "refused"),
         "timeouts": sorted(r["model_type"] for r in built if r["status"] in ("timeout", "died")),
         "planned": len(planned), "by_source": dict(by_source),
         "share_registry_or_traced": round(real_order / len(planned), 4) if planned else None,
@@ -361,6 +367,7 @@ def write_report(out: Path, rows: dict[str, dict[str, Any]], command: str) -> di
         f"| built with a tiny config | {s['built']} (unbuildable by the generic shrink: {s['unbuildable']}) |",
         f"| planned and applied | {s['planned']} |",
         f"| crashes in hf_emergence | {len(s['crashes'])} {', '.join(s['crashes'])} |",
+        f"| refused by the single-layer rule (every chain one layer) | {len(s['refused'])} {', '.join(s['refused'])} |",
         f"| timeouts | {len(s['timeouts'])} {', '.join(s['timeouts'])} |",
         f"| plans by source | " + ", ".join(f"{k}: {v}" for k, v in sorted(s["by_source"].items())) + " |",
         f"| **share from the registry or a traced forward order** | **{share}** |",

@@ -18,8 +18,8 @@ A transformers model names its main input (``main_input_name``); the batch for i
 ``inputs_embeds``    (1, 8, ``hidden_size``) vectors (also Perceiver's ``inputs``, with ``d_model``)
 ==================  ===========================================================================================
 
-A model whose config has a vision (audio) sub-config and whose forward takes ``pixel_values``
-(``input_features``/``input_values``) gets those too, in a first batch (with ``image_seq_length`` image tokens
+A model whose config has a vision (audio, text) sub-config, or an image size, and whose forward takes
+``pixel_values`` (``input_features``/``input_values``, ``input_ids``) gets those too, in a first batch (with ``image_seq_length`` image tokens
 in front of its ids when the config names an image token); a Qwen2-VL-style model taking
 ``grid_thw``/``image_grid_thw`` gets flattened patches with their grid (and image tokens in its ids). Other required arguments of ``forward`` are added when their name says what they are (``*_ids``,
 ``attention_mask``, ``pixel_values``); one that cannot be built is named in :attr:`Batches.gap`.
@@ -277,12 +277,13 @@ def _with_other_modalities(batches: list[dict[str, torch.Tensor]], main: str, co
                            accepted: set[str]) -> list[dict[str, torch.Tensor]]:
     """A model taking text and images (or audio) gets both first, then each batch alone (a dual encoder
     needs both towers fed; a captioner whose ids hold no image token runs its text part alone)."""
-    others = [name for name in ("pixel_values", "input_features", "input_values") if name != main and name in accepted
-              and (name == "pixel_values" and _sub(config, "vision_config")[1:] or name != "pixel_values"
-                   and _sub(config, "audio_config")[1:])]
+    has = {"pixel_values": bool(_sub(config, "vision_config")[1:]) or hasattr(config, "image_size"),
+           "input_features": bool(_sub(config, "audio_config")[1:]), "input_values": bool(_sub(config, "audio_config")[1:]),
+           "input_ids": bool(_sub(config, "text_config")[1:])}
+    others = [name for name, present in has.items() if present and name != main and name in accepted]
     combined = []
-    for name in others:
-        combined.extend({**batches[0], **extra} for extra in _BUILDERS[name](config)[:2] if batches)
+    for name in others:  # images: 4-d and 5-d (video) at both sizes
+        combined.extend({**batches[0], **extra} for extra in _BUILDERS[name](config)[:4] if batches)
     image_token = next((getattr(config, n) for n in ("image_token_id", "image_token_index")
                         if isinstance(getattr(config, n, None), int)), None)
     length = getattr(config, "image_seq_length", None)

@@ -5,8 +5,8 @@ one reads (two modules reading the same tensor are parallel branches). The first
 
 1. ``model``: hooks on the model itself, one pass under ``torch.no_grad()`` in eval mode on a small real
    batch: the user's ``example_inputs`` as given, else batches built from the config
-   (:mod:`hf_emergence.inputs`). Needs real weights. The model is left as it was: every module's train
-   flag, the buffers and the RNG state are restored and the hooks removed.
+   (:mod:`hf_emergence.inputs`). Needs real weights. The model is left as it was: every module's
+   attributes (train flags included), the buffers and the RNG state are restored and the hooks removed.
 2. ``fake``: a replica whose parameters and buffers are FakeTensors (``torch._subclasses.FakeTensorMode``
    with a ``ShapeEnv``, so data-dependent shapes such as ``nonzero`` are allowed): shapes only, no memory.
    Used when there are no real weights (meta device, DeepSpeed ZeRO-3 partitions, DTensor shards, where
@@ -193,10 +193,16 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return obj
 
 
+#: What every ``nn.Module`` keeps in its ``__dict__`` itself (parameters, buffers, children, hooks).
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+
+
 @contextlib.contextmanager
 def left_as_it_was(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train flag, the buffers' values and the RNG state (CPU and the model's GPUs)."""
-    flags = [(m, m.training) for m in model.modules()]
+    """Restore every module's attributes (the train flag, and what a forward may set: Swin resets its
+    ``window_size`` for a small image), the buffers' values and the RNG state (CPU and the model's GPUs)."""
+    attributes = [(m, {k: copy.copy(v) if isinstance(v, (list, dict, set)) else v
+                       for k, v in vars(m).items() if k not in _MODULE_INTERNALS}) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
@@ -204,8 +210,11 @@ def left_as_it_was(model: nn.Module) -> Iterator[None]:
             model.eval()
             yield
     finally:
-        for m, training in flags:
-            m.training = training
+        for m, saved in attributes:
+            own = vars(m)
+            for k in [k for k in own if k not in saved and k not in _MODULE_INTERNALS]:
+                del own[k]
+            own.update(saved)
         with torch.no_grad():
             for b, saved in buffers:
                 if b.shape == saved.shape and not torch.equal(b, saved):

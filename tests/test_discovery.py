@@ -359,6 +359,7 @@ def test_tracing_leaves_the_model_as_it_was():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training and not model.norm.training
+    assert not hasattr(model, "last_batch") and model.a.in_features == 4
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
@@ -449,3 +450,18 @@ def test_sharded_or_weightless_parameters_are_never_run_for_real(tmp_path):
         dist.destroy_process_group()
     with torch.device("meta"):
         assert not has_real_weights(MLP())
+
+
+def test_a_custom_linear_module_is_a_weight_layer():
+    class QuantLinear(nn.Module):                             # I-BERT style: not an nn.Linear, same weight layout
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n_out, n_in))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    model = nn.Sequential(QuantLinear(4, 8), nn.ReLU(), QuantLinear(8, 8), nn.ReLU(), QuantLinear(8, 2))
+    plan = _plan(model)
+    assert [e.name for e in plan] == ["0.weight", "2.weight", "4.weight"] and (plan["0.weight"].fan_in, plan["0.weight"].fan_out) == (4, 8)
+    check_plan(model, plan, torch.randn(3, 4))

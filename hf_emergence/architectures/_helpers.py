@@ -14,11 +14,15 @@ WEIGHT_MODULE_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 def is_weight_module(module: nn.Module) -> bool:
-    """Linear / ConvNd / ConvTransposeNd / transformers' Conv1D: the modules whose ``weight`` is a layer."""
+    """Linear / ConvNd / ConvTransposeNd / transformers' Conv1D, and a custom ``*Linear`` with a 2-d ``weight``
+    Parameter (I-BERT's ``QuantLinear``): the modules whose ``weight`` is a layer."""
     if isinstance(module, WEIGHT_MODULE_TYPES):
         return True
     cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
+        return True
+    weight = getattr(module, "weight", None)
+    return cls.__name__.endswith("Linear") and isinstance(weight, nn.Parameter) and weight.ndim == 2
 
 
 def output_embeddings(model: nn.Module) -> Optional[nn.Module]:
