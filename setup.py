@@ -11,8 +11,8 @@ VERSION = next(line.split('"')[1] for line in (ROOT / "hf_emergence" / "__init__
 # torch is pinned by the user's environment: install it first (CPU: `pip install torch==2.13.0`), so that
 # this range is already satisfied and pip does not pull a multi-GB CUDA build.
 INSTALL_REQUIRES = ["torch>=2.4", "transformers>=5.0,<6", "huggingface_hub>=1.0", "safetensors"]
-EXAMPLES = ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4.3", "sacrebleu>=2.4", "tokenizers>=0.20",
-            "pillow>=10", "tqdm", "matplotlib>=3.8", "numpy"]
+EXAMPLES = ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4.3", "sacrebleu>=2.4", "sacremoses>=0.1",
+            "tokenizers>=0.20", "pillow>=10", "tqdm", "matplotlib>=3.8", "numpy"]
 DEV = EXAMPLES + ["pytest>=8"]
 # DeepSpeed ZeRO-3 (optional; tests/test_distributed.py runs it on CPU when HF_EMERGENCE_TEST_DEEPSPEED=1)
 DEEPSPEED = ["deepspeed>=0.16"]

@@ -225,7 +225,7 @@ def test_saved_folder_is_a_stock_transformers_model(run_a):
 # -------------------------------------------------------------------------------- baselines and LR control
 def _tiny_model(argv):
     args = run.parse_args([*TINY, *argv])
-    pairs = run.read_parallel_text(str(DATA / "train"), "de", "en")[:200]
+    pairs = run.read_parallel_text(str(DATA / "train"), "de", "en").select(range(200))
     tokenizer = run.train_tokenizer(pairs, 300)
     torch.manual_seed(0)
     return args, run.build_model(args, tokenizer)
@@ -321,6 +321,8 @@ def test_non_finite_loss_stops_with_code_3_and_latest_resume_is_exact(run_a, tmp
 # ------------------------------------------------------------------------------------------ two processes
 @pytest.mark.slow
 def test_two_processes_score_every_sentence_once(tmp_path):
+    """Also issue 14's hang: 200 pairs / 16 = 13 length-grouped batches (the short one mid-epoch). The sampler halves
+    one batch so each process gets 7; the epoch closes at step 7 and training goes on into the next one."""
     out = tmp_path / "mp"
     n = 23
     with socket.socket() as s:          # a free port, so concurrent launches on this machine do not collide
@@ -330,12 +332,14 @@ def test_two_processes_score_every_sentence_once(tmp_path):
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(RUN_PY),
            "--model_preset", "tiny", "--max_train_samples", "200", "--max_eval_samples", str(n), "--vocab_size", "300",
            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "5", "--num_beams", "1",
-           "--max_target_length", "32", "--max_train_steps", "3", "--no_progress_bar", "--output_dir", str(out)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+           "--max_target_length", "32", "--max_train_steps", "9", "--no_progress_bar", "--output_dir", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "translation: 2 process(es) on cpu" in proc.stderr
-    final = _metrics(out)[-1]
+    records = _metrics(out)
+    assert [(r["step"], r.get("epoch")) for r in records] == [(7, 1), (9, None)]   # epoch end (7 batches each), final
+    final = records[-1]
     for split in ("validation", "test"):
         assert final[f"{split}_sentences"] == n
         predictions = _lines(out / f"{split}_predictions.txt")
@@ -370,7 +374,7 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
     no_lang = tmp_path / "nolang.jsonl"
     _write(no_lang, ['{"translation": {"de": "Ein Hund.", "en": "A dog."}}', '{"translation": {"de": "Katze", "fr": "chat"}}'])
     not_pair = tmp_path / "notpair.jsonl"
-    _write(not_pair, ['{"de": "Ein Hund.", "en": "A dog."}'])
+    _write(not_pair, ['{"text": "Ein Hund."}'])
     not_ckpt = tmp_path / "not_a_checkpoint"
     not_ckpt.mkdir()
     out = ["--output_dir", str(tmp_path / "out")]
@@ -387,7 +391,7 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
         "jsonl_missing_language": (["--train_file", str(no_lang), "--validation_file", good, *out],
                                    [f"{no_lang}:2:", "'en'", "found: de, fr"]),
         "jsonl_not_a_translation": (["--train_file", str(not_pair), "--validation_file", good, *out],
-                                    [f"{not_pair}:1:", '"translation"']),
+                                    [str(not_pair), '"translation"', 'columns "de" and "en"', "found columns: text"]),
         "unknown_config_key": ([*TINY, "--config_overrides", "d_model=16,no_such_key=3", *out], ["marian", "'no_such_key'"]),
         "bad_config_item": ([*TINY, "--config_overrides", "d_model", *out], ["'d_model' is not key=value"]),
         "vocab_too_small": (["--train_file", good, "--validation_file", good, "--vocab_size", "10", *out],
@@ -407,6 +411,20 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
         "push_without_id": (["--push_to_hub", *out], ["--push_to_hub needs --hub_model_id"]),
         "missing_tokenizer_folder": ([*TINY, "--tokenizer_name", str(tmp_path / "no_tok"), *out],
                                      ["not a local tokenizer folder"]),
+        "tokens_and_sentences": (["--max_tokens_per_batch", "500", "--per_device_train_batch_size", "8", *out],
+                                 ["either --max_tokens_per_batch or --per_device_train_batch_size"]),
+        "negative_tokens": (["--max_tokens_per_batch", "-1", *out], ["--max_tokens_per_batch must be >= 0, got -1"]),
+        "dropout_above_one": (["--dropout", "1.5", *out], ["--dropout must be in [0, 1), got 1.5"]),
+        "label_smoothing_two": (["--label_smoothing", "2", *out], ["--label_smoothing must be in [0, 1), got 2.0"]),
+        "nan_length_penalty": (["--length_penalty", "nan", *out], ["--length_penalty must be a finite number, got nan"]),
+        "negative_train_samples": (["--max_train_samples", "-3", *out], ["--max_train_samples must be >= 1, got -3"]),
+        "zero_source_length": (["--max_source_length", "0", *out], ["--max_source_length must be >= 1, got 0"]),
+        "average_without_checkpoints": (["--average_last_checkpoints", "3", *out],
+                                        ["--average_last_checkpoints 3 needs --checkpointing_steps"]),
+        "average_beyond_the_kept": (["--average_last_checkpoints", "3", "--checkpointing_steps", "5", *out],
+                                    ["needs --checkpoints_total_limit >= 3, got 2"]),
+        "zero_minutes": (["--stop_after_minutes", "0", *out], ["--stop_after_minutes must be a positive number, got 0"]),
+        "zero_validation_beams": (["--validation_num_beams", "0", *out], ["--validation_num_beams must be >= 1, got 0"]),
     }
 
 
@@ -414,7 +432,10 @@ BAD_INPUTS = ["missing_prefix", "missing_validation_file", "line_count_mismatch"
               "blank_validation_pairs", "broken_jsonl_line", "jsonl_missing_language", "jsonl_not_a_translation",
               "unknown_config_key", "bad_config_item", "vocab_too_small", "same_languages", "builtin_other_languages",
               "not_a_checkpoint", "negative_alpha", "nan_alpha", "lr_control_bad_alpha", "baseline_conflict",
-              "zero_learning_rate", "zero_beams", "push_without_id", "missing_tokenizer_folder"]
+              "zero_learning_rate", "zero_beams", "push_without_id", "missing_tokenizer_folder", "tokens_and_sentences",
+              "negative_tokens", "dropout_above_one", "label_smoothing_two", "nan_length_penalty",
+              "negative_train_samples", "zero_source_length", "average_without_checkpoints", "average_beyond_the_kept",
+              "zero_minutes", "zero_validation_beams"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -463,10 +484,84 @@ def test_measure_emergence_logs_the_score_of_the_model_being_trained(tmp_path):
     model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     args = run.parse_args([*TINY, "--output_dir", str(out)])
-    pairs = run.load_splits(args)["validation"]
-    batch = run.collate(run.encode(pairs, tokenizer, args)[:64], tokenizer.pad_token_id)
+    encoded = run.encode(run.load_splits(args), tokenizer, args)["validation"]
+    batch = run.collate(list(encoded.select(range(min(64, len(encoded))))), tokenizer.pad_token_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
     score = emergence(model, inputs)
     assert records[-1]["emergence_log10_E"] == pytest.approx(score.log10_E, rel=1e-9)
     assert records[-1]["emergence_normalised"] == pytest.approx(score.normalised, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- recipe features
+def test_presets_set_the_recipe_and_flags_override_it():
+    small = run.parse_args(["--model_preset", "small"])
+    p = run.PRESETS["small"]
+    assert (small.model_type, small.learning_rate, small.num_warmup_steps, small.max_tokens_per_batch, small.dropout,
+            small.vocab_size) == (p.model_type, p.learning_rate, p.num_warmup_steps, p.max_tokens_per_batch, p.dropout,
+                                  p.vocab_size)
+    assert small.adam_beta2 == 0.98 and small.lr_scheduler_type == "inverse_sqrt" and small.label_smoothing == 0.1
+    mine = run.parse_args(["--model_preset", "small", "--learning_rate", "3e-4", "--model_type", "marian", "--dropout", "0.2"])
+    assert (mine.learning_rate, mine.model_type, mine.dropout) == (3e-4, "marian", 0.2)
+    assert mine.max_tokens_per_batch == p.max_tokens_per_batch
+    assert run.parse_args(["--per_device_train_batch_size", "32"]).max_tokens_per_batch == 0    # sentence batches
+
+
+@pytest.mark.parametrize("model_type", ["m2m_100", "marian"])
+def test_built_model_follows_fairseq_conventions(model_type):
+    """Shared source/target/output embedding, scaled embeddings, ReLU, eos starts the decoder, no LayerDrop, SDPA; and
+    m2m_100 is the pre-LN Transformer (a LayerNorm before each sub-layer and a final one), marian the post-LN one."""
+    args, model = _tiny_model(["--model_type", model_type, "--dropout", "0.1", "--config_overrides", ""])
+    cfg = model.config
+    enc, dec = model.get_encoder(), model.get_decoder()
+    assert enc.embed_tokens.weight.data_ptr() == dec.embed_tokens.weight.data_ptr() == \
+        model.get_output_embeddings().weight.data_ptr()
+    assert cfg.scale_embedding and cfg.activation_function == "relu" and cfg._attn_implementation == "sdpa"
+    assert cfg.decoder_start_token_id == cfg.eos_token_id and cfg.encoder_layerdrop == cfg.decoder_layerdrop == 0
+    assert cfg.dropout == 0.1 and cfg.attention_dropout == 0.0
+    emb = enc.embed_tokens.weight[3:]                           # fairseq's N(0, d^-1/2) token embeddings
+    assert cfg.init_std == cfg.d_model ** -0.5 and abs(float(emb.std()) / cfg.init_std - 1) < 0.1
+    assert hasattr(enc, "layer_norm") == hasattr(dec, "layer_norm") == (model_type == "m2m_100")
+    # pre-LN: with the final LayerNorm removed, a block's output is its input plus sub-layers of normalised inputs, so
+    # scaling a block's input by c changes the residual stream linearly in the skip; check the defining order directly
+    layer = enc.layers[0].eval()
+    x = torch.randn(1, 5, cfg.d_model)
+    with torch.no_grad():
+        h = layer.self_attn_layer_norm(x) if model_type == "m2m_100" else x
+        attn = layer.self_attn(hidden_states=h, attention_mask=None)[0]
+        h = x + attn
+        if model_type == "m2m_100":
+            expected = h + layer.fc2(torch.relu(layer.fc1(layer.final_layer_norm(h))))
+        else:
+            h = layer.self_attn_layer_norm(h)
+            expected = layer.final_layer_norm(h + layer.fc2(torch.relu(layer.fc1(h))))
+        out = layer(x, attention_mask=None)
+        out = out[0] if isinstance(out, tuple) else out
+    assert torch.allclose(out, expected, atol=1e-5)
+    ids = torch.tensor([[5, 6, 7]])
+    labels = torch.tensor([[8, 9, cfg.eos_token_id]])
+    start = run.decoder_inputs(labels, cfg.decoder_start_token_id, cfg.pad_token_id)
+    assert start.tolist() == [[cfg.eos_token_id, 8, 9]]
+    padded = run.decoder_inputs(torch.tensor([[8, -100, -100]]), cfg.decoder_start_token_id, cfg.pad_token_id)
+    assert padded.tolist() == [[cfg.eos_token_id, 8, cfg.pad_token_id]]
+    assert model(input_ids=ids, decoder_input_ids=start).logits.shape == (1, 3, cfg.vocab_size)
+
+
+@pytest.mark.slow
+def test_average_of_the_last_checkpoints_is_what_is_evaluated_and_saved(tmp_path):
+    out = tmp_path / "avg"
+    results = _main([*TINY, "--max_train_steps", "12", "--checkpointing_steps", "5", "--average_last_checkpoints", "3",
+                     "--checkpoints_total_limit", "3", "--output_dir", out])
+    names = ["step_00000005", "step_00000010", "step_00000012"]          # the final step is saved to be averaged
+    assert results["averaged_checkpoints"] == names
+    saved = [_tensors(out / "checkpoints" / n / "model.safetensors") for n in names]
+    final = _tensors(out / "model.safetensors")
+    assert any(not torch.equal(saved[0][k], saved[2][k]) for k in saved[0])
+    assert final and set(final) <= set(saved[0])
+    for key in final:
+        mean = (saved[0][key].double() + saved[1][key].double() + saved[2][key].double()) / 3
+        assert torch.allclose(final[key].double(), mean, rtol=0, atol=1e-6), key
+    # what was evaluated is the averaged model: the logged loss is the saved model's own
+    record = _metrics(out)[-1]
+    assert record["final"] and record["validation_loss"] == pytest.approx(_independent_loss(out, "validation", N_EVAL),
+                                                                         rel=1e-5)

@@ -453,7 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     optimizer = common.make_optimizer(model, args, common.lr_plan(args, model, example_inputs=(example,)))
 
     train_batcher = Batcher(train, mean, std, augment=not args.no_augmentation, seed=args.seed)
-    train_sampler = common.EpochBatchSampler(len(train), args.per_device_train_batch_size, args.seed)
+    train_sampler = common.EpochBatchSampler(len(train), args.per_device_train_batch_size, args.seed,
+                                             num_processes=accelerator.num_processes)
     workers = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     train_dl = common.data_loader(range(len(train)), batch_sampler=train_sampler, collate_fn=train_batcher, **workers)
     val_dl = common.data_loader(range(len(val)), batch_size=args.per_device_eval_batch_size,
