@@ -329,7 +329,9 @@ def _plain_batches(model: nn.Module, watched: Sequence[nn.Module]) -> Batches:
     if embedding is not None:
         ids = torch.arange(2 * SEQ_LEN).reshape(2, SEQ_LEN) % embedding.num_embeddings
         out.candidates.append((describe(ids), (ids,)))
-    widths = list(dict.fromkeys(m.in_features for m in watched if isinstance(m, nn.Linear)))[:3]
+    linears = [m for m in watched if isinstance(m, nn.Linear) or type(m).__name__.endswith("Linear")]
+    widths = list(dict.fromkeys(getattr(m, "in_features", None) or m.weight.shape[1] for m in linears
+                                if getattr(m, "weight", None) is not None and m.weight.ndim == 2))[:3]
     for width in widths:  # the first Linear registered may be the head: try the first few widths
         for shape in ((2, width), (2, SEQ_LEN, width)):
             x = _pattern(*shape)

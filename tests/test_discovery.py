@@ -464,4 +464,5 @@ def test_a_custom_linear_module_is_a_weight_layer():
     model = nn.Sequential(QuantLinear(4, 8), nn.ReLU(), QuantLinear(8, 8), nn.ReLU(), QuantLinear(8, 2))
     plan = _plan(model)
     assert [e.name for e in plan] == ["0.weight", "2.weight", "4.weight"] and (plan["0.weight"].fan_in, plan["0.weight"].fan_out) == (4, 8)
+    assert discover(model).order == "model"
     check_plan(model, plan, torch.randn(3, 4))
