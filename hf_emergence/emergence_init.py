@@ -29,7 +29,7 @@ from .record import METADATA_KEYS, AlreadyAppliedError, already_applied, record_
 from .schedule import EVEN_DEPTH_VARIANTS, SCALE_MODES
 from .tracing import ExampleInputs
 
-CHAINS = ("separate", "single")
+CHAINS = ("separate", "single", "stage")
 #: Setting values written by earlier versions, read as their current names (config.json files on disk).
 LEGACY_VALUES = {"chain": {"stacks": "separate"}}
 ATTENTION = tuple(UNSCALED_ROLES)
@@ -56,8 +56,9 @@ class EmergenceInit:
         even_depth: exponents for an even number of layers: "skip0" (-n..-1, +1..+n), "half"
             (+-0.5, +-1.5, ...) or "floor" (-n..n-1, pivot floor(L/2)).
         pivot: index of the layer that gets k=0 (k_l = l - pivot), per chain; ``None`` = the middle.
-        chain: "separate" numbers each chain the model has (encoder, decoder) on its own; "single"
-            joins them into one chain, encoder first.
+        chain: "separate" numbers each chain the model has (encoder, decoder; a hierarchical encoder's
+            stages form one chain) on its own; "single" joins them into one chain, encoder first;
+            "stage" numbers each stage of a hierarchical model (Swin, PVT, ResNet stages) on its own.
         attention: which attention matrices are scaled: "vo" (V and output projections; Q/K keep
             their scale, since scaling them changes the softmax temperature), "none" (feed-forward
             only), "all".

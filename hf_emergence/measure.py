@@ -397,7 +397,7 @@ def _probes(target: nn.Module, plan: EmergencePlan) -> list[_Probe]:
     for row in plan.layers():
         entries = by_layer[(row["chain"], row["layer"])]
         entry = next((e for e in entries if e.role == "ffn"), entries[0])
-        module_name = entry.name.rpartition(".")[0]
+        module_name = entry.name.rpartition(".")[0].removesuffix(".parametrizations.weight")  # weight norm: the layer
         try:
             param, module = target.get_parameter(entry.name), target.get_submodule(module_name)
         except AttributeError:

@@ -11,7 +11,8 @@ import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -20,7 +21,7 @@ from ._text import format_k
 from .base_init import base_init_
 from .distributed import check_same_rng, is_dtensor
 from .layout import SHORTCUT, UNSCALED_ROLES, Layout, Member
-from .schedule import exponents, middle_shrink, scale_factor
+from .schedule import exponents, middle_shrink, scale_factor, warn_if_extreme
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class PlanEntry:
 
     ``layer`` is the index of its layer in its chain and ``k`` the exponent (``None`` and factor 1.0
     for tensors that are re-initialised but keep their scale, e.g. attention Q/K under
-    ``attention="vo"``). ``aliases`` lists other names of the same Parameter (tied weights).
+    ``attention="vo"``). ``aliases`` lists other names of the same Parameter (tied weights). ``init``
+    overrides the plan's base init for this tensor ("keep": the magnitude of a weight-normed layer).
     """
 
     name: str
@@ -43,6 +45,7 @@ class PlanEntry:
     fan_in: int
     fan_out: int
     aliases: tuple[str, ...] = ()
+    init: Optional[str] = None
 
     @property
     def numel(self) -> int:
@@ -84,6 +87,8 @@ class EmergencePlan:
     entries: list[PlanEntry] = field(default_factory=list)
     chains: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: (parameter, reason) for every weight-bearing (>= 2-d) parameter the plan leaves alone.
+    left_out: list[tuple[str, str]] = field(default_factory=list)
 
     # ---- access -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[PlanEntry]:
@@ -128,7 +133,7 @@ class EmergencePlan:
         if entry.scaled:
             _check_factor(entry, tensor.dtype)
         if reinit:
-            base_init_(tensor, self.base_init, entry.fan_in, entry.fan_out, generator=generator)
+            base_init_(tensor, entry.init or self.base_init, entry.fan_in, entry.fan_out, generator=generator)
         if entry.scaled:
             tensor.mul_(entry.factor)
         return tensor
@@ -196,7 +201,8 @@ class EmergencePlan:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "source": self.source, "settings": dict(self.settings),
                 "base_init": self.base_init, "layer_unit": self.layer_unit, "chains": dict(self.chains),
-                "notes": list(self.notes), "entries": [e.to_dict() for e in self.entries]}
+                "notes": list(self.notes), "left_out": [list(x) for x in self.left_out],
+                "entries": [e.to_dict() for e in self.entries]}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -219,7 +225,8 @@ class EmergencePlan:
                 except (TypeError, KeyError, ValueError) as err:
                     raise ValueError(f"entry {i}: {err}") from None
             return cls(settings=d["settings"], base_init=d["base_init"], layer_unit=d["layer_unit"], source=d["source"],
-                       model=d["model"], entries=entries, chains=dict(d.get("chains", {})), notes=list(d.get("notes", [])))
+                       model=d["model"], entries=entries, chains=dict(d.get("chains", {})), notes=list(d.get("notes", [])),
+                       left_out=[(str(n), str(r)) for n, r in d.get("left_out", [])])
         except (TypeError, KeyError, ValueError) as err:
             raise ValueError(f"not an EmergencePlan: {str(err).strip(chr(39))}") from None
 
@@ -263,15 +270,23 @@ class EmergencePlan:
                 f"attention={s.get('attention')} (layers from {self.source})")
 
     def summary(self) -> list[str]:
-        """The lines printed under the layer table: what is scaled, the smallest activation scale, the notes."""
+        """The lines printed under the layer table: what is scaled, the smallest activation scale, the notes and
+        the weights left alone, grouped by reason."""
         scaled = [e for e in self.entries if e.scaled]
         kept = [e for e in self.entries if e.layer is None]
         tail = (f"{len(scaled)} tensors ({sum(e.numel for e in scaled):,} params) scaled across {len(self.layers())} "
                 f"layers in {len(self.chains)} chain(s)")
         if kept:
             tail += f"; {len(kept)} tensors keep their scale ({', '.join(sorted({e.role for e in kept}))})"
-        return [tail, f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}",
-                *(f"note: {n}" for n in self.notes)]
+        lines = [tail, f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}",
+                 *(f"note: {n}" for n in self.notes)]
+        if self.left_out:
+            by_reason = Counter(r for _, r in self.left_out)
+            lines.append(f"left alone: {len(self.left_out)} weight(s) (>= 2-d), by reason:")
+            for reason, n in by_reason.most_common():
+                names = [name for name, r in self.left_out if r == reason]
+                lines.append(f"  {n:>4}  {reason}: {', '.join(names[:3])}" + (" ..." if n > 3 else ""))
+        return lines
 
     def __str__(self) -> str:
         rows = self.layers()
@@ -293,8 +308,8 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
     """Turn a discovered layout into a plan under ``settings`` (the validated EmergenceInit fields).
 
     ``shapes`` maps canonical parameter names to shapes, ``aliases`` canonical names to their other
-    names. Members matching ``settings["exclude"]`` are dropped; a Parameter met twice (shared across
-    blocks) keeps its first entry.
+    names. Members matching ``settings["exclude"]`` are dropped (and listed in ``left_out``); a Parameter
+    met twice (shared across blocks) keeps its first entry. ``chain="stage"`` numbers each stage apart.
     """
     exclude = [re.compile(p) for p in settings.get("exclude", ())]
     unscaled_roles = UNSCALED_ROLES[settings["attention"]]
@@ -305,29 +320,31 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
     chains: list[tuple[str, list[tuple[str, list[Member]]]]] = []
     seen: set[str] = set()
     duplicates = 0
-    for chain in layout.chains:
+    left_out = list(layout.left_out)
+    for chain in (layout.stage_chains() if settings["chain"] == "stage" else layout.chains):
         layers: list[tuple[str, list[Member]]] = []
         for block in chain.blocks:
             members = []
             for m in block.members:
                 name = canonical.get(m.param, m.param)
                 if any(rx.search(n) for rx in exclude for n in (name, *aliases.get(name, ()))):
+                    left_out.append((name, "matches exclude="))
                     continue
                 if name in seen:
                     duplicates += 1
                     continue
                 seen.add(name)
-                members.append(Member(name, m.role, m.fan_in, m.fan_out))
+                members.append(replace(m, param=name))
             if not members:
                 continue
             if layer_unit == "block":
                 layers.append((block.name, members))
                 continue
-            for m in members:  # matrix: each scaled tensor is a layer, shortcuts join the previous one
-                if m.role == SHORTCUT and layers:
+            for m in members:  # matrix: each scaled tensor is a layer, shortcuts and parallel branches join the previous one
+                if (m.role == SHORTCUT or m.parallel) and layers:
                     layers[-1][1].append(m)
                 else:
-                    layers.append((m.param.rsplit(".", 1)[0], [m]))
+                    layers.append((m.param.rsplit(".", 1)[0].removesuffix(".parametrizations.weight"), [m]))
         chains.append((chain.name, layers))
     if settings["chain"] == "single" and len(chains) > 1:
         chains = [("+".join(n for n, _ in chains), [layer for _, ls in chains for layer in ls])]
@@ -351,10 +368,12 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
                 factor = 1.0 if keep else scale_factor(settings["alpha"], k, settings["scale_mode"])
                 entries.append(PlanEntry(name=m.param, chain=chain_name, layer=None if keep else index, block=block_name,
                                          role=m.role, k=None if keep else k, factor=factor, shape=shapes[m.param],
-                                         fan_in=m.fan_in, fan_out=m.fan_out, aliases=aliases.get(m.param, ())))
+                                         fan_in=m.fan_in, fan_out=m.fan_out, aliases=aliases.get(m.param, ()), init=m.init))
     base_init = layout.base_init if settings["base_init"] == "auto" else settings["base_init"]
-    return EmergencePlan(settings=dict(settings), base_init=base_init, layer_unit=layer_unit, source=layout.source,
-                         model=model_name, entries=entries, chains=counts, notes=notes)
+    plan = EmergencePlan(settings=dict(settings), base_init=base_init, layer_unit=layer_unit, source=layout.source,
+                         model=model_name, entries=entries, chains=counts, notes=notes, left_out=left_out)
+    warn_if_extreme(settings["alpha"], [e.k for e in entries if e.k is not None], settings["scale_mode"], model_name)
+    return plan
 
 
 @functools.lru_cache(maxsize=1024)

@@ -18,10 +18,14 @@ x alpha^(2k)) or by ``alpha**(k/2)`` (``scale_mode="variance"``: variance x alph
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
+
+from ._warnings import warn
 
 EVEN_DEPTH_VARIANTS = ("skip0", "half", "floor")
 SCALE_MODES = ("weight", "variance")
+#: Factors outside [1/FACTOR_RANGE, FACTOR_RANGE] are warned about (two orders of magnitude either way).
+FACTOR_RANGE = 100.0
 
 Exponent = Union[int, float]
 
@@ -71,3 +75,28 @@ def middle_shrink(alpha: float, ks: list[Exponent], scale_mode: str = "weight") 
         running += (k if scale_mode == "weight" else k / 2) * math.log(alpha)   # log space: no overflow
         smallest = min(smallest, running)
     return math.exp(smallest)
+
+
+def alpha_within(max_k: Exponent, scale_mode: str = "weight", bound: float = FACTOR_RANGE) -> float:
+    """The largest alpha whose factors stay within [1/bound, bound] for exponents up to ``max_k`` in size."""
+    power = abs(max_k) if scale_mode == "weight" else abs(max_k) / 2
+    return float(bound ** (1.0 / power)) if power else math.inf
+
+
+def warn_if_extreme(alpha: float, ks: Sequence[Exponent], scale_mode: str = "weight", what: str = "the model") -> None:
+    """Warn when a factor alpha**k leaves [1/FACTOR_RANGE, FACTOR_RANGE], naming the alpha that keeps it.
+
+    Factors that over- or underflow float32 are left to ``apply``, which refuses them by name.
+    """
+    if not ks:
+        return
+    max_k = max(abs(k) for k in ks)
+    largest = max(scale_factor(alpha, max_k, scale_mode), scale_factor(alpha, -max_k, scale_mode))
+    if largest <= FACTOR_RANGE or not largest < 1e37:
+        return
+    bound = alpha_within(max_k, scale_mode)
+    keep = f"alpha <= {bound:.4g}" if alpha > 1 else f"alpha >= {1 / bound:.4g}"
+    warn(f"alpha={alpha} on {what}: exponents reach |k|={format(max_k, 'g')}, so factors span "
+         f"{1 / largest:.2g} to {largest:.2g}; {keep} keeps every factor within "
+         f"[{1 / FACTOR_RANGE:g}, {FACTOR_RANGE:g}] (or shorten the chains: layer_unit='block', chain='stage'; "
+         "hf_emergence.suggest_alpha(model) picks alpha from measured activations)")

@@ -10,15 +10,27 @@ import torch.nn as nn
 from ..layout import Block, Member, logical_shape, member_for
 from .registry import LayoutMismatch
 
-WEIGHT_MODULE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHT_MODULE_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 def is_weight_module(module: nn.Module) -> bool:
-    """Linear / ConvNd / transformers' Conv1D: the modules whose ``weight`` is a schedulable layer."""
+    """Linear / ConvNd / ConvTransposeNd / transformers' Conv1D, and a custom ``*Linear`` with a 2-d ``weight``
+    Parameter (I-BERT's ``QuantLinear``): the modules whose ``weight`` is a layer."""
     if isinstance(module, WEIGHT_MODULE_TYPES):
         return True
     cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
+        return True
+    weight = getattr(module, "weight", None)
+    return cls.__name__.endswith("Linear") and isinstance(weight, nn.Parameter) and weight.ndim == 2
+
+
+def output_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """The model's LM head (``get_output_embeddings()``), or ``None``."""
+    try:
+        return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
 
 
 def iter_weight_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
