@@ -12,7 +12,7 @@ import math
 import re
 import sys
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -37,6 +37,14 @@ class Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------------------- arguments
+def add_command(sub: Any, name: str, run: Callable[[argparse.Namespace], None], *, help: str, description: str,
+                formatter_class: type) -> argparse.ArgumentParser:
+    """The sub-parser of one command (``hf-emergence <name>``), dispatching to ``run(args)``."""
+    parser = sub.add_parser(name, help=help, description=description, formatter_class=formatter_class)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def _setting_help() -> dict[str, str]:
     """Per-setting help, read from the ``Args:`` section of ``EmergenceInit``'s docstring."""
     doc = EmergenceInit.__doc__ or ""
