@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..loading import first_line, load_config, model_class
+from ..plan import PlanError
 from .shared import BUILD_ERRORS, CLIError, add_command, add_setting_flags, add_source_args, seed, settings_from_args
 
 #: Auto classes tried, in this order, to name the loader of a concrete class in the model card.
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> None:
     kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
     try:
         model = from_config(concrete, config, init, **kwargs)
+    except PlanError as err:          # the config builds; the init refuses it (e.g. no chain of 2 or more layers)
+        raise CLIError(first_line(err)) from None
     except BUILD_ERRORS as err:
         raise CLIError(f"cannot build {concrete.__name__} from this config: {type(err).__name__}: {first_line(err)}") from None
     plan = model.emergence_plan

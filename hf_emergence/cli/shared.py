@@ -18,6 +18,7 @@ import torch
 
 from ..emergence_init import SETTING_CHOICES, SETTING_NAMES, EmergenceInit
 from ..loading import first_line
+from ..plan import PlanError
 
 PROG = "hf-emergence"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HUB = 0, 1, 2, 4
@@ -146,6 +147,8 @@ def build(concrete: type, config: Any, *, meta: bool = False, init: Optional[Eme
             with torch.device("meta"):
                 return concrete._from_config(config, **kwargs)
         return concrete._from_config(config, **kwargs)
+    except PlanError as err:          # the config builds; the init refuses it
+        raise CLIError(first_line(err)) from None
     except BUILD_ERRORS as err:
         raise CLIError(f"cannot build {concrete.__name__} from this config: {type(err).__name__}: {first_line(err)}") from None
 
