@@ -226,6 +226,18 @@ def test_bad_arguments_are_exactly_one_line_from_the_command_line(command, argv,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
+def test_a_bad_argument_under_a_two_process_launch_is_one_line(tmp_path):
+    """Both workers raise the same error: it is printed once (the launcher adds its own failure report)."""
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPTS["vision"]),
+                           "--dataloader_num_workers", "-1", "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0
+    assert _error_lines(proc.stderr) == ["error: --dataloader_num_workers must be >= 0, got -1"], proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : 2") >= 1 and not (tmp_path / "o").exists()
+
+
 def test_the_cli_names_a_truncated_checkpoint_file_with_exit_2(saved):
     proc = subprocess.run([sys.executable, "-m", "hf_emergence", "measure", "--model", str(saved["truncated_vit"])],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
