@@ -84,7 +84,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
     except HubError as err:
         return _print_once(f"error: {err}", 4)
     except Stopped as err:
-        print(f"stopped: {err}", file=sys.stderr)
+        _write_line(f"stopped: {err}")
         return 128 + err.signum
     except KeyboardInterrupt:
         return _print_once("error: interrupted (a second signal); the newest complete checkpoint is intact", 130)
@@ -103,11 +103,18 @@ def _print_once(line: str, code: int) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         if _first_to_claim(line):
-            print(line, file=sys.stderr, flush=True)
+            _write_line(line)
     finally:
         if blocked:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     return code
+
+
+def _write_line(line: str) -> None:
+    """``line`` on stderr in one write, so lines of processes sharing the terminal or a log file never interleave
+    (``print`` writes the text and the newline separately)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _first_to_claim(line: str) -> bool:
