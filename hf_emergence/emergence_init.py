@@ -122,13 +122,20 @@ class EmergenceInit:
     def from_dict(cls, d: dict[str, Any]) -> "EmergenceInit":
         """Rebuild from ``to_dict()`` output or a saved ``config.emergence_init``.
 
-        Metadata keys are ignored; unknown keys (written by a newer version) are dropped with a warning;
-        values renamed since (``chain="stacks"``) are read under their current name.
+        Metadata keys are ignored; unknown keys (written by a newer version) are dropped with a warning, but a dict
+        with no setting at all among its keys (a plan, a model config, a typo) is a ValueError; values renamed
+        since (``chain="stacks"``) are read under their current name.
         """
         if not isinstance(d, dict):
             raise TypeError(f"emergence_init settings must be a dict, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names - set(METADATA_KEYS))
+        if {"entries", "settings"} <= set(d):
+            raise ValueError("this is an EmergencePlan (EmergencePlan.from_dict / from_json read it), not settings; its "
+                             "settings are under 'settings'")
+        if unknown and not names & set(d):
+            raise ValueError(f"no emergence_init setting among the keys {', '.join(map(repr, sorted(d)))}; known settings: "
+                             f"{', '.join(f.name for f in fields(cls))}")
         if unknown:
             warn(f"ignoring unknown emergence_init setting(s) {', '.join(unknown)} (written by a newer hf_emergence?); "
                  f"known settings: {', '.join(f.name for f in fields(cls))}")

@@ -316,6 +316,11 @@ API_CASES = [
      "exclude must be a regular expression or a list of them, got 3 (int)"),
     ("init_from_json_a_config_without_settings", lambda f: EmergenceInit.from_json(f["model"]), ValueError,
      "{model}/config.json is a model config with no emergence_init settings"),
+    ("init_from_dict_only_a_typo", lambda f: EmergenceInit.from_dict({"alhpa": 1.2}), ValueError,
+     "no emergence_init setting among the keys 'alhpa'; known settings: alpha, base_init"),
+    ("init_from_json_a_plan_file", lambda f: EmergenceInit.from_json(_plan().to_json()), ValueError,
+     "this is an EmergencePlan (EmergencePlan.from_dict / from_json read it), not settings; its settings are under "
+     "'settings'"),
     ("init_from_dict_chain_a_number", lambda f: EmergenceInit.from_dict({"chain": 2}), ValueError,
      "chain=2 is not one of: separate, single, stage"),
     ("init_from_dict_pivot_a_string", lambda f: EmergenceInit.from_dict({"pivot": "2"}), TypeError,
