@@ -119,9 +119,9 @@ def _write_line(line: str) -> None:
 
 def _first_to_claim(line: str) -> bool:
     """False only when another worker of this launch on this machine has claimed ``line`` (see :func:`_print_once`)."""
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) < 2:
-        return True
     try:
+        if int(os.environ.get("LOCAL_WORLD_SIZE") or 1) < 2:
+            return True
         parent = os.getppid()
         started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]   # field 22: start time
         key = hashlib.sha256(f"{parent} {started} {line}".encode()).hexdigest()[:32]
@@ -130,7 +130,7 @@ def _first_to_claim(line: str) -> bool:
         os.close(os.open(folder / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         return False
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):
         return True
     return True
 
