@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -66,26 +67,72 @@ class Stopped(Exception):
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
     """Run ``main(argv)`` with SIGTERM / SIGINT stopping it cleanly (:func:`stop_if_asked`); print a
-    :class:`UsageError` / :class:`NonFiniteLoss` / :class:`Stopped` as one line instead of a traceback."""
+    :class:`UsageError` / :class:`NonFiniteLoss` / :class:`Stopped` as one line instead of a traceback.
+
+    Under ``accelerate launch`` with several processes, an ``error:`` line that several processes of this machine
+    raise alike (a bad argument, a finished run in ``--output_dir``) is printed once (:func:`_print_once`); a line
+    that differs, as a rank-specific error does, is printed by the process that raised it. Each process still
+    exits with the error's code. ``stopped:`` lines stay one per process (each says at which step it stopped).
+    """
     try:
         with stop_on_signals():
             main(argv)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _print_once(f"error: {err}", 2)
     except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        return _print_once(f"error: {err}", 3)
     except HubError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 4
+        return _print_once(f"error: {err}", 4)
     except Stopped as err:
-        print(f"stopped: {err}", file=sys.stderr)
+        _write_line(f"stopped: {err}")
         return 128 + err.signum
     except KeyboardInterrupt:
-        print("error: interrupted (a second signal); the newest complete checkpoint is intact", file=sys.stderr)
-        return 130
+        return _print_once("error: interrupted (a second signal); the newest complete checkpoint is intact", 130)
     return 0
+
+
+def _print_once(line: str, code: int) -> int:
+    """Print ``line`` on stderr unless another worker of the same launch on this machine already printed it; returns
+    ``code``. The workers of one ``accelerate launch`` share a parent (torch elastic's agent): the first of them to
+    create the file named by (parent pid, its start time, the line) prints the line, the others stay quiet. When
+    that cannot be told (one process, no /proc, an unwritable temp folder), the line is printed.
+    SIGTERM is held back meanwhile: the launcher stops every other worker once one exits, and the one that claimed
+    the line must still print it."""
+    blocked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        if _first_to_claim(line):
+            _write_line(line)
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    return code
+
+
+def _write_line(line: str) -> None:
+    """``line`` on stderr in one write, so lines of processes sharing the terminal or a log file never interleave
+    (``print`` writes the text and the newline separately)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _first_to_claim(line: str) -> bool:
+    """False only when another worker of this launch on this machine has claimed ``line`` (see :func:`_print_once`)."""
+    try:
+        if int(os.environ.get("LOCAL_WORLD_SIZE") or 1) < 2:
+            return True
+        parent = os.getppid()
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]   # field 22: start time
+        key = hashlib.sha256(f"{parent} {started} {line}".encode()).hexdigest()[:32]
+        folder = Path(tempfile.gettempdir()) / "hf_emergence_errors"
+        folder.mkdir(exist_ok=True)
+        os.close(os.open(folder / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    except (OSError, IndexError, ValueError):
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- signals

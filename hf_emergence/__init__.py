@@ -13,11 +13,11 @@ from .record import AlreadyAppliedError, already_applied
 from .layout import Block, Chain, Layout, Member
 from .measure import ActivationProfile, EmergenceScore, SuggestedAlpha, activation_profile, emergence, suggest_alpha
 from .modeling import EmergenceInitMixin, from_config, resolve_model_class
-from .plan import EmergencePlan, PlanEntry
+from .plan import EmergencePlan, PlanEntry, PlanError
 from .schedule import exponents, scale_factor
 
 __all__ = [
     "ActivationProfile", "AlreadyAppliedError", "Block", "Chain", "EmergenceScore", "SuggestedAlpha", "activation_profile", "emergence", "suggest_alpha", "EmergenceInit", "EmergenceInitMixin", "EmergencePlan", "Layout", "Member",
-    "PlanEntry", "already_applied", "discover", "exponents", "from_config", "get_architecture",
+    "PlanEntry", "PlanError", "already_applied", "discover", "exponents", "from_config", "get_architecture",
     "list_architectures", "register_architecture", "resolve_model_class", "scale_factor", "unregister_architecture",
 ]

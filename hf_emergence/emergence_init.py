@@ -10,12 +10,14 @@ k = -n..n, and layer k's weight is multiplied by alpha**k: early layers shrink, 
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from ._json import JsonSource, read_json
 from ._warnings import warn
 import torch
 import torch.nn as nn
@@ -24,7 +26,7 @@ from .architectures import discover
 from .base_init import BASE_INITS
 from .distributed import check_same_rng, is_dtensor, unwrap_model, writable
 from .layout import LAYER_UNITS, UNSCALED_ROLES, logical_shape
-from .plan import EmergencePlan, build_plan
+from .plan import EmergencePlan, PlanError, build_plan
 from .record import METADATA_KEYS, AlreadyAppliedError, already_applied, record_applied
 from .schedule import EVEN_DEPTH_VARIANTS, SCALE_MODES
 from .tracing import ExampleInputs
@@ -38,7 +40,8 @@ SETTING_CHOICES: dict[str, tuple[str, ...]] = {
     "base_init": BASE_INITS, "scale_mode": SCALE_MODES, "even_depth": EVEN_DEPTH_VARIANTS, "chain": CHAINS,
     "attention": ATTENTION, "layer_unit": ("auto",) + LAYER_UNITS,
 }
-__all__ = ["AlreadyAppliedError", "EmergenceInit", "METADATA_KEYS", "SETTING_CHOICES", "SETTING_NAMES", "already_applied"]
+__all__ = ["AlreadyAppliedError", "EmergenceInit", "METADATA_KEYS", "PlanError", "SETTING_CHOICES", "SETTING_NAMES",
+           "already_applied"]
 
 
 @dataclass
@@ -119,17 +122,53 @@ class EmergenceInit:
     def from_dict(cls, d: dict[str, Any]) -> "EmergenceInit":
         """Rebuild from ``to_dict()`` output or a saved ``config.emergence_init``.
 
-        Metadata keys are ignored; unknown keys (written by a newer version) are dropped with a warning;
-        values renamed since (``chain="stacks"``) are read under their current name.
+        Metadata keys are ignored; unknown keys (written by a newer version) are dropped with a warning, but a dict
+        with no setting at all among its keys (a plan, a model config, a typo) is a ValueError; values renamed
+        since (``chain="stacks"``) are read under their current name.
         """
         if not isinstance(d, dict):
             raise TypeError(f"emergence_init settings must be a dict, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names - set(METADATA_KEYS))
+        if {"entries", "settings"} <= set(d):
+            raise ValueError("this is an EmergencePlan (EmergencePlan.from_dict / from_json read it), not settings; its "
+                             "settings are under 'settings'")
+        if unknown and not names & set(d):
+            raise ValueError(f"no emergence_init setting among the keys {', '.join(map(repr, sorted(d)))}; known settings: "
+                             f"{', '.join(f.name for f in fields(cls))}")
         if unknown:
-            warn(f"ignoring unknown emergence_init setting(s) {', '.join(unknown)} (written by a newer hf_emergence?)")
+            warn(f"ignoring unknown emergence_init setting(s) {', '.join(unknown)} (written by a newer hf_emergence?); "
+                 f"known settings: {', '.join(f.name for f in fields(cls))}")
         settings = {k: LEGACY_VALUES.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in d.items() if k in names}
         return cls(**settings)
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        """The settings as JSON text (:meth:`to_dict`)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, source: JsonSource) -> "EmergenceInit":
+        """Rebuild from :meth:`to_json` text (a ``str``), or from a file (a ``pathlib.Path``) holding it or a saved
+        ``config.json`` (its ``emergence_init``; a checkpoint folder is read as its config.json).
+
+        Bad input is one error naming the file: a missing file or invalid JSON (line and column) is a ValueError, and
+        bad settings raise as in :meth:`from_dict` (unknown keys are dropped with a warning).
+        """
+        try:
+            data, where = read_json(source)
+        except ValueError as err:
+            raise ValueError(f"EmergenceInit.from_json: {err}") from None
+        if isinstance(data, dict) and ("model_type" in data or "architectures" in data):   # a model's config.json
+            if not isinstance(data.get("emergence_init"), dict):
+                raise ValueError(f"{where or 'the text'} is a model config with no emergence_init settings "
+                                 "(the model was not built with the init)")
+            data = data["emergence_init"]
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            if not where:
+                raise
+            raise type(err)(f"{where}: {err}") from None
 
     # ---- planning and applying --------------------------------------------------------------------
     def plan(self, model: nn.Module, example_inputs: Optional[ExampleInputs] = None) -> EmergencePlan:
@@ -153,7 +192,7 @@ class EmergenceInit:
             plan = build_plan(layout, self.to_dict(), shapes, {k: tuple(v) for k, v in aliases.items()},
                               type(target).__name__)
         except ValueError as err:  # e.g. a pivot outside a chain
-            raise ValueError(f"cannot plan {type(target).__name__}: {err}") from None
+            raise PlanError(f"cannot plan {type(target).__name__}: {err}") from None
         _check_chains(plan, type(target).__name__, layout.source)
         return plan
 
@@ -209,7 +248,7 @@ def _check_chains(plan: EmergencePlan, model_name: str, source: str) -> None:
     if not plan.chains or max(plan.chains.values()) < 2:
         counts = ", ".join(f"{c}: {n}" for c, n in plan.chains.items()) or "none"
         n_layers = sum(plan.chains.values())
-        raise ValueError(
+        raise PlanError(
             f"{model_name} has {n_layers} weight layer(s) to scale and no chain of 2 or more (chains {counts}; found via "
             f"{source}): the emergence init needs at least 2 in a chain, since a chain's only layer gets k=0 and nothing "
             "would be scaled (a layer shared across depth, as in ALBERT, is one layer: one tensor cannot carry a "

@@ -17,11 +17,17 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 
+from ._json import JsonSource, read_json
 from ._text import format_k
 from .base_init import base_init_
 from .distributed import check_same_rng, is_dtensor
 from .layout import SHORTCUT, UNSCALED_ROLES, Layout, Member
 from .schedule import exponents, middle_shrink, scale_factor, warn_if_extreme
+
+
+class PlanError(ValueError):
+    """The init cannot be planned or applied as asked: the settings do not fit this model (a pivot outside a chain, no
+    chain of 2 or more layers) or a factor over- or underflows in a tensor's dtype. Not a problem of the model itself."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class PlanEntry:
             raise ValueError(f"bad name or shape in {d!r:.120}")
         if not isinstance(entry.factor, (int, float)) or isinstance(entry.factor, bool):
             raise ValueError(f"factor of {entry.name!r} is {entry.factor!r}, not a number")
+        if not (math.isfinite(entry.factor) and entry.factor > 0):
+            raise ValueError(f"factor of {entry.name!r} is {entry.factor!r}: expected a finite number > 0 (alpha**k)")
         return entry
 
 
@@ -154,7 +162,12 @@ class EmergencePlan:
           at most as many rows (dim-0 shards), or 1-d with at most as many elements (flat shards).
         * Unless ``partial=True`` (one file of several: check their union with :meth:`check_complete`),
           every entry must be found; otherwise nothing is changed and a ValueError names the missing ones.
+        * Every check (shapes, floating-point dtypes, factors that over- or underflow in a tensor's dtype) is made
+          before the first tensor changes: a refused state dict is left as it was.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of parameter names to tensors (e.g. model.state_dict()), "
+                            f"got {type(state_dict).__name__}")
         by_name = {n: e for e in self.entries for n in (e.name, *e.aliases)}
         key_map = key_map or {}
         matches: list[tuple[PlanEntry, torch.Tensor]] = []
@@ -165,6 +178,9 @@ class EmergencePlan:
                 matches.append((entry, tensor))
         if not partial:
             self.check_complete([e.name for e, _ in matches], keys=list(state_dict))
+        for entry, tensor in matches:
+            if entry.scaled:
+                _check_factor(entry, tensor.dtype)
         if reinit and self.base_init != "keep" and any(is_dtensor(t) for _, t in matches):
             check_same_rng(generator)           # DTensors are drawn whole on every rank (a collective)
         done: list[str] = []
@@ -231,15 +247,21 @@ class EmergencePlan:
             raise ValueError(f"not an EmergencePlan: {str(err).strip(chr(39))}") from None
 
     @classmethod
-    def from_json(cls, text: str) -> "EmergencePlan":
-        """Rebuild from :meth:`to_json` text; bad text is one ValueError naming the line and column."""
+    def from_json(cls, source: JsonSource) -> "EmergencePlan":
+        """Rebuild from :meth:`to_json` text (a ``str``) or a file holding it (a ``pathlib.Path``).
+
+        Bad input is one ValueError: the file, or the line and column of invalid JSON, or what is wrong with the plan.
+        """
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not an EmergencePlan: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-        except TypeError:
-            raise ValueError(f"not an EmergencePlan: expected JSON text, got {type(text).__name__}") from None
-        return cls.from_dict(data)
+            data, where = read_json(source)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"not an EmergencePlan: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            if not where:
+                raise
+            raise ValueError(f"not an EmergencePlan: {where}: {str(err).removeprefix('not an EmergencePlan: ')}") from None
 
     # ---- summaries ----------------------------------------------------------------------------------
     def layers(self) -> list[dict[str, Any]]:
@@ -392,13 +414,18 @@ def _check_factor(entry: PlanEntry, dtype: torch.dtype) -> None:
     what = _factor_in_dtype(entry.factor, dtype)
     if not what:
         return
-    raise ValueError(f"{entry.name} (chain {entry.chain!r}, layer {entry.layer}) would be multiplied by "
+    raise PlanError(f"{entry.name} (chain {entry.chain!r}, layer {entry.layer}) would be multiplied by "
                      f"alpha**{format_k(entry.k)} = {entry.factor:.4g}, which is {what} in {str(dtype).replace('torch.', '')}: "
                      "choose an alpha closer to 1")
 
 
 def _check_shard(entry: PlanEntry, key: str, tensor: torch.Tensor) -> None:
-    """``tensor`` is the planned tensor, a dim-0 shard of it, or a flat 1-d shard; else a ValueError."""
+    """``tensor`` is a floating-point tensor: the planned tensor, a dim-0 shard of it, or a flat 1-d shard; else an error."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{key!r} is a {type(tensor).__name__}, expected a torch.Tensor (the plan's {entry.name!r})")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{key!r} has dtype {str(tensor.dtype).replace('torch.', '')}, expected a floating-point tensor: "
+                         "the init draws and scales real-valued weights (dequantize a quantized checkpoint first)")
     shape = tuple(tensor.shape)
     full = tuple(entry.shape)
     if shape == full:

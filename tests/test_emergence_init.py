@@ -323,7 +323,7 @@ def test_bad_plan_text_is_one_clear_error():
                         ('{"model": "M"}', r"^not an EmergencePlan: missing key\(s\) settings, base_init"),
                         (good.replace('"shape": [', '"shape": ["x", ', 1), r"^not an EmergencePlan: entry 0: bad name or shape"),
                         (good.replace('"fan_in"', '"fan_inn"', 1), r"^not an EmergencePlan: entry 0: .*fan_inn"),
-                        (None, r"^not an EmergencePlan: expected JSON text, got NoneType$")]:
+                        (None, r"^not an EmergencePlan: expected JSON text or a path, got NoneType$")]:
         with pytest.raises(ValueError, match=match):
             EmergencePlan.from_json(text)
 

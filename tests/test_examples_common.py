@@ -71,6 +71,29 @@ def test_run_cli_maps_errors_to_one_line_and_exit_codes(capsys):
         common.run_cli(fails_with(KeyError("x")), ["--x"])
 
 
+def test_run_cli_prints_an_error_that_several_workers_raise_once(monkeypatch, tmp_path, capsys):
+    """Workers of one launch (LOCAL_WORLD_SIZE > 1, one parent): the same line once, a different line always."""
+    def fails_with(err):
+        def main(argv):
+            raise err
+        return main
+
+    monkeypatch.setattr(common.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for _ in range(2):                                              # rank 0, then rank 1: the same argument error
+        assert common.run_cli(fails_with(UsageError("--logging_steps must be >= 1, got 0")), []) == 2
+    assert common.run_cli(fails_with(UsageError("rank 1: data/train_1.txt:3: expected a pair")), []) == 2
+    assert common.run_cli(fails_with(common.NonFiniteLoss("nan at step 4")), []) == 3
+    assert common.run_cli(fails_with(common.NonFiniteLoss("nan at step 4")), []) == 3
+    assert capsys.readouterr().err.splitlines() == ["error: --logging_steps must be >= 1, got 0",
+                                                    "error: rank 1: data/train_1.txt:3: expected a pair",
+                                                    "error: nan at step 4"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")                     # one process: every error is printed
+    for _ in range(2):
+        assert common.run_cli(fails_with(UsageError("--logging_steps must be >= 1, got 0")), []) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --logging_steps must be >= 1, got 0"] * 2
+
+
 # ----------------------------------------------------------------------------------------- arguments
 def test_steps_or_epoch():
     assert common.steps_or_epoch("epoch") == "epoch" and common.steps_or_epoch("25") == 25

@@ -3,7 +3,8 @@
 * ``kill -9`` mid-epoch (translation, vision; dropout on in both), then ``--resume_from_checkpoint latest``;
   for translation the newest checkpoint is also truncated, so the resume falls back to the previous one.
 * SIGTERM to ``accelerate launch`` with two processes: both stop at the same step with a checkpoint, no worker is
-  left running, and resuming gives the uninterrupted two-process run.
+  left running, and resuming gives the uninterrupted two-process run. The workers wait at step 3 for the signal
+  (``tests/stop_gate.py``), so a fast run cannot finish before the signal lands, however busy the machine.
 
 The uninterrupted references run in-process; the killed runs are real subprocesses. One CPU thread everywhere.
 """
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -134,11 +136,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(out: Path, cache: str) -> list[str]:
-    """Vision on two CPU processes (gloo): 6 batches per process and epoch, 8 steps."""
+def _two_processes(out: Path, cache: str, gate_at: Optional[int] = None) -> list[str]:
+    """Vision on two CPU processes (gloo): 6 batches per process and epoch, 8 steps. With ``gate_at``, each worker
+    holds at that step (its checkpoint written) until it is asked to stop (``tests/stop_gate.py``)."""
+    script = [str(SCRIPTS["vision"])] if gate_at is None else [str(ROOT / "tests" / "stop_gate.py"), str(gate_at),
+                                                               str(SCRIPTS["vision"])]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
             "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-            str(SCRIPTS["vision"]), *VISION, "--max_train_steps", "8", "--image_cache_dir", cache, "--output_dir", str(out)]
+            *script, *VISION, "--max_train_steps", "8", "--image_cache_dir", cache, "--output_dir", str(out)]
 
 
 def _workers_of(out: Path) -> list[int]:
@@ -160,14 +165,16 @@ def test_sigterm_to_accelerate_launch_stops_every_process_cleanly(tmp_path, cach
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "stopped"
     with open(tmp_path / "stopped.log", "w") as log:
-        launcher = subprocess.Popen(_two_processes(out, cache), cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-        code = _kill_after(launcher, out, 3, sig=signal.SIGTERM)
+        launcher = subprocess.Popen(_two_processes(out, cache, gate_at=3), cwd=ROOT, env=ENV, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        code = _kill_after(launcher, out, 3, sig=signal.SIGTERM, timeout=600)   # the step-3 checkpoint: both wait there
     text = (tmp_path / "stopped.log").read_text()
     assert code == 128 + signal.SIGTERM, text[-3000:]
     stops = [line for line in text.splitlines() if line.startswith("stopped: SIGTERM at step ")]
     assert len(stops) == 2 and stops[0] == stops[1], text[-3000:]           # both processes, the same step
-    step = int(stops[0].split("at step ")[1].split()[0])
-    assert _latest_step(out) == step and _workers_of(out) == []
+    assert stops[0].startswith("stopped: SIGTERM at step 3 (epoch 0); saved "), text[-3000:]
+    assert _latest_step(out) == 3 and _workers_of(out) == []
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
     assert "Traceback" not in text
     proc = subprocess.run(_two_processes(out, cache) + ["--resume_from_checkpoint", "latest"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)

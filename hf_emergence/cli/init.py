@@ -13,7 +13,8 @@ from typing import Any, Optional
 import torch
 
 from ..loading import first_line, load_config, model_class
-from .shared import BUILD_ERRORS, CLIError, add_setting_flags, add_source_args, seed, settings_from_args
+from ..plan import PlanError
+from .shared import BUILD_ERRORS, CLIError, add_command, add_setting_flags, add_source_args, seed, settings_from_args
 
 #: Auto classes tried, in this order, to name the loader of a concrete class in the model card.
 CARD_AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForCausalLM", "AutoModelForImageClassification",
@@ -26,12 +27,16 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+HELP = "build a model with the init and save it (model card included), optionally push it"
+DESCRIPTION = """\
+Build a model from --model_type or --config with the emergence init applied inside transformers' construction,
+save_pretrained it to --output_dir with a model card (README.md), and optionally push the folder to the Hub. The
+checkpoint loads with stock transformers from_pretrained.
+"""
+
+
 def add_parser(sub: Any, formatter_class: type) -> None:
-    p = sub.add_parser("init", help="build a model with the init and save it (model card included), optionally push it",
-                       description="Build a model from --model_type or --config with the emergence init applied inside "
-                                   "transformers' construction, save_pretrained it to --output_dir with a model card "
-                                   "(README.md), and optionally push the folder to the Hub. The checkpoint loads with "
-                                   "stock transformers from_pretrained.", formatter_class=formatter_class)
+    p = add_command(sub, "init", run, help=HELP, description=DESCRIPTION, formatter_class=formatter_class)
     add_source_args(p, checkpoint=False)
     add_setting_flags(p)
     g = p.add_argument_group("output")
@@ -43,7 +48,6 @@ def add_parser(sub: Any, formatter_class: type) -> None:
     g.add_argument("--hub_model_id", default=None, help="repo id, 'name' or 'user/name'")
     g.add_argument("--private", action="store_true", help="create the Hub repo as private")
     g.add_argument("--hub_token", default=None, help="Hub token (default: the saved login or HF_TOKEN)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -69,6 +73,8 @@ def run(args: argparse.Namespace) -> None:
     kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
     try:
         model = from_config(concrete, config, init, **kwargs)
+    except PlanError as err:          # the config builds; the init refuses it (e.g. no chain of 2 or more layers)
+        raise CLIError(first_line(err)) from None
     except BUILD_ERRORS as err:
         raise CLIError(f"cannot build {concrete.__name__} from this config: {type(err).__name__}: {first_line(err)}") from None
     plan = model.emergence_plan

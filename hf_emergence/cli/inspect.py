@@ -12,27 +12,29 @@ import torch
 from .._text import format_k, text_table
 from ..emergence_init import METADATA_KEYS, SETTING_NAMES, EmergenceInit
 from ..loading import load_config, load_pretrained, meta_model, model_class, recorded_settings
-from .shared import (CLIError, add_setting_flags, add_source_args, build, fmt, given_settings, plan_for, print_json,
+from .shared import (CLIError, add_command, add_setting_flags, add_source_args, build, fmt, given_settings, plan_for, print_json,
                      seed, settings_from_args)
 
 PLAN_COLUMNS = ["chain", "layer", "block", "k", "factor", "tensors", "params"]
 
 
+HELP = "print the plan and the weight std of each layer before/after the scaling"
+DESCRIPTION = """\
+Print the plan (layer, k, factor, #params) for a model type, a config or a local checkpoint, with the weight std
+of every layer measured before and after the scaling (the model is built on CPU and each planned tensor is drawn
+and scaled on a copy; with the same --seed these are exactly the weights `init` saves). A checkpoint that
+already carries the init shows its recorded settings and its weights' std.
+"""
+
+
 def add_parser(sub: Any, formatter_class: type) -> None:
-    p = sub.add_parser("inspect", help="print the plan and the weight std of each layer before/after the scaling",
-                       description="Print the plan (layer, k, factor, #params) for a model type, a config or a local "
-                                   "checkpoint, with the weight std of every layer measured before and after the scaling "
-                                   "(the model is built on CPU and each planned tensor is drawn and scaled on a copy; "
-                                   "with the same --seed these are exactly the weights `init` saves). A checkpoint that "
-                                   "already carries the init shows its recorded settings and its weights' std.",
-                       formatter_class=formatter_class)
+    p = add_command(sub, "inspect", run, help=HELP, description=DESCRIPTION, formatter_class=formatter_class)
     add_source_args(p, checkpoint=True)
     add_setting_flags(p)
     g = p.add_argument_group("output")
     g.add_argument("--plan_only", action="store_true",
                    help="build on the meta device and skip the std columns (no memory, any model size)")
     g.add_argument("--json", action="store_true", help="print JSON (plan.to_dict() plus per-layer and per-tensor stds)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:

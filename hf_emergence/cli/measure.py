@@ -11,20 +11,23 @@ import torch
 
 from ..emergence_init import EmergenceInit
 from ..loading import first_line, load_pretrained, recorded_settings
-from .shared import CLIError, plan_for, print_json
+from .shared import CLIError, add_command, plan_for, print_json
+
+
+HELP = "emergence E and activation profile of a local checkpoint on a batch"
+DESCRIPTION = """\
+Load a local checkpoint and report the emergence E (hf_emergence.measure.emergence) and the per-layer activation
+profile (activation_profile) on one batch. The batch is --inputs FILE (a .safetensors or .pt dict of tensors,
+passed as keyword arguments to the model), or by default random inputs built from the config:
+pixel_values ~ N(0, 1) of shape (batch_size, num_channels, image_size, image_size) for vision models;
+input_ids uniform in [0, vocab_size) of shape (batch_size, seq_len) with an all-ones attention_mask (plus random
+decoder_input_ids for encoder-decoders) for text models; drawn from a generator seeded with --seed.
+--save_inputs keeps the batch used.
+"""
 
 
 def add_parser(sub: Any, formatter_class: type) -> None:
-    p = sub.add_parser("measure", help="emergence E and activation profile of a local checkpoint on a batch",
-                       description="Load a local checkpoint and report the emergence E (hf_emergence.measure.emergence) "
-                                   "and the per-layer activation profile (activation_profile) on one batch. The batch is "
-                                   "--inputs FILE (a .safetensors or .pt dict of tensors, passed as keyword arguments to "
-                                   "the model), or by default random inputs built from the config: pixel_values ~ N(0, 1) "
-                                   "of shape (batch_size, num_channels, image_size, image_size) for vision models; "
-                                   "input_ids uniform in [0, vocab_size) of shape (batch_size, seq_len) with an all-ones "
-                                   "attention_mask (plus random decoder_input_ids for encoder-decoders) for text models; "
-                                   "drawn from a generator seeded with --seed. --save_inputs keeps the batch used.",
-                       formatter_class=formatter_class)
+    p = add_command(sub, "measure", run, help=HELP, description=DESCRIPTION, formatter_class=formatter_class)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="a saved checkpoint folder (config.json + weights)")
     g.add_argument("--auto_class", default=None, help="class to load with (default: the config's architectures[0])")
@@ -46,7 +49,6 @@ def add_parser(sub: Any, formatter_class: type) -> None:
     g.add_argument("--bn_stats", default="batch", choices=("batch", "running"), help="BatchNorm statistics while measuring")
     g.add_argument("--no_profile", action="store_true", help="only E (skips the forward+backward of the profile)")
     g.add_argument("--json", action="store_true", help="print JSON (emergence, profile, inputs)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:

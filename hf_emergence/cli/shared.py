@@ -12,12 +12,13 @@ import math
 import re
 import sys
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from ..emergence_init import SETTING_CHOICES, SETTING_NAMES, EmergenceInit
 from ..loading import first_line
+from ..plan import PlanError
 
 PROG = "hf-emergence"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HUB = 0, 1, 2, 4
@@ -37,6 +38,14 @@ class Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------------------- arguments
+def add_command(sub: Any, name: str, run: Callable[[argparse.Namespace], None], *, help: str, description: str,
+                formatter_class: type) -> argparse.ArgumentParser:
+    """The sub-parser of one command (``hf-emergence <name>``), dispatching to ``run(args)``."""
+    parser = sub.add_parser(name, help=help, description=description, formatter_class=formatter_class)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def _setting_help() -> dict[str, str]:
     """Per-setting help, read from the ``Args:`` section of ``EmergenceInit``'s docstring."""
     doc = EmergenceInit.__doc__ or ""
@@ -138,6 +147,8 @@ def build(concrete: type, config: Any, *, meta: bool = False, init: Optional[Eme
             with torch.device("meta"):
                 return concrete._from_config(config, **kwargs)
         return concrete._from_config(config, **kwargs)
+    except PlanError as err:          # the config builds; the init refuses it
+        raise CLIError(first_line(err)) from None
     except BUILD_ERRORS as err:
         raise CLIError(f"cannot build {concrete.__name__} from this config: {type(err).__name__}: {first_line(err)}") from None
 
