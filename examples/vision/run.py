@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Train an image classifier built from a config (ViT, DeiT, ResNet, ConvNeXt, or the paper's plain MLP / CNN with or
-without BatchNorm) with the emergence-promoting initialisation or a baseline, and report top-1 accuracy, including
+"""Train an image classifier built from a config (ViT, DeiT, ResNet, the CIFAR ResNet, ConvNeXt, or the paper's plain MLP /
+CNN with or without BatchNorm) with the emergence-promoting initialisation or a baseline, and report top-1 accuracy, including
 the accuracy after the first epoch (the paper's headline metric).
 
     accelerate launch examples/vision/run.py                                       # built-in CIFAR-10 sample, offline
     accelerate launch examples/vision/run.py --init kaiming                        # the baseline, same budget
     accelerate launch examples/vision/run.py --model_type resnet --alpha 1.5 --train_dir cifar10/train --validation_dir cifar10/test
+    accelerate launch examples/vision/run.py --model_type cifar_resnet --config_overrides layout=resnet20   # or resnet18
     accelerate launch examples/vision/run.py --dataset_name uoft-cs/cifar10 --model_type vit \
         --config_overrides hidden_size=192,num_hidden_layers=6
 
@@ -42,18 +43,21 @@ from common import UsageError  # noqa: E402
 logger = logging.getLogger("hf_emergence.examples.vision")
 BUILTIN_DATA = Path(__file__).resolve().parent / "data" / "cifar10_sample"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-HF_MODEL_TYPES = ("vit", "deit", "resnet", "convnext")
+HF_MODEL_TYPES = ("vit", "deit", "resnet", "cifar_resnet", "convnext")
 MODEL_TYPES = HF_MODEL_TYPES + plain_models.PLAIN_MODEL_TYPES
-# CIFAR-sized defaults (32x32 inputs). ResNet keeps transformers' 7x7/stride-2 stem and max-pool: a 3x3 stem would
-# change the architecture and the checkpoint would no longer load in stock transformers.
+# CIFAR-sized defaults (32x32 inputs). ResNet keeps transformers' 7x7/stride-2 stem and max-pool (its checkpoints load in
+# stock transformers); cifar_resnet is hf_emergence's CIFAR ResNet (3x3 stride-1 stem, no max-pool), ResNet-18 by
+# default, ResNet-20 with --config_overrides layout=resnet20 (its checkpoints load after `import hf_emergence`).
 HF_DEFAULTS = {
     "vit": dict(patch_size=4, hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=384,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     "resnet": dict(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2], layer_type="basic"),
+    "cifar_resnet": dict(layout="resnet18"),
     "convnext": dict(patch_size=2, hidden_sizes=[48, 96, 192, 384], depths=[2, 2, 2, 2]),
 }
 HF_DEFAULTS["deit"] = HF_DEFAULTS["vit"]
 PLAIN_DEFAULTS = {"mlp": dict(depth=4, width=512), "cnn": dict(depth=6, width=32)}
+SGD_MODEL_TYPES = ("mlp", "cnn", "resnet", "cifar_resnet")
 # Optimiser defaults: SGD for the ConvNets and MLP (the paper's setting), AdamW for the attention models.
 OPTIMIZER_DEFAULTS = {"sgd": dict(learning_rate=0.05, weight_decay=5e-4), "adamw": dict(learning_rate=1e-3, weight_decay=0.05)}
 
@@ -105,7 +109,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if args.depth < 1 or args.width < 1:
             raise UsageError(f"--depth and --width must be >= 1, got {args.depth} and {args.width}")
     if args.optimizer is None:
-        args.optimizer = "sgd" if args.model_type in ("mlp", "cnn", "resnet") else "adamw"
+        args.optimizer = "sgd" if args.model_type in SGD_MODEL_TYPES else "adamw"
     for key, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
