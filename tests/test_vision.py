@@ -250,5 +250,24 @@ def test_hub_dataset_columns_and_label_range(tmp_path, capsys, cache_dir, monkey
     err = _fails(capsys, argv)
     assert "split 'test' row 1: label 5 is out of range [0, 2)" in err
     serve(train={"img": [image] * 4, "label": [0, 1, 0, 1]}, test={"img": [image, image], "label": [1, 0]})
-    results = run.main(argv)                           # the test split serves as validation
-    assert results["validation_samples"] == 2
+    results = run.main(argv)               # the test split stays the test set; validation is held out from train
+    assert results["test_samples"] == 2 and results["validation_samples"] == 1
+
+
+def test_test_split_is_read_once_at_the_end(tmp_path, capsys, cache_dir):
+    """--test_dir is scored once, after training; every evaluation during training reads the held-out validation."""
+    train = _folder(tmp_path / "train", {"a": 6, "b": 6})
+    test = _folder(tmp_path / "test", {"a": 3, "b": 2})
+    out = tmp_path / "o"
+    results = run.main(_args(out, cache_dir, "--train_dir", str(train), "--test_dir", str(test), *TINY["mlp"],
+                             "--model_type", "mlp", "--validation_split_percentage", "25", "--num_train_epochs", "2",
+                             "--per_device_train_batch_size", "3"))
+    assert results["test_samples"] == 5 and results["validation_samples"] == 3 and results["epoch1_accuracy"] is not None
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("validation_accuracy" in r and not r.get("final") for r in records)      # evaluated during training
+    assert [r.get("final") for r in records if any(k.startswith("test_") for k in r)] == [True]
+    assert "test: accuracy" in capsys.readouterr().out
+    _folder(tmp_path / "test", {"c": 1})
+    err = _fails(capsys, _args(tmp_path / "o2", cache_dir, "--train_dir", str(train), "--test_dir", str(test)))
+    assert "--test_dir" in err and "'c' is not a training class" in err
+    assert "not both" in _fails(capsys, _args(tmp_path / "o3", cache_dir, "--dataset_name", "x/y", "--test_dir", str(test)))

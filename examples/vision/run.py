@@ -5,13 +5,16 @@ the accuracy after the first epoch (the paper's headline metric).
 
     accelerate launch examples/vision/run.py                                       # built-in CIFAR-10 sample, offline
     accelerate launch examples/vision/run.py --init kaiming                        # the baseline, same budget
-    accelerate launch examples/vision/run.py --model_type resnet --alpha 1.5 --train_dir cifar10/train --validation_dir cifar10/test
+    accelerate launch examples/vision/run.py --model_type resnet --alpha 1.5 --train_dir cifar10/train --test_dir cifar10/test
     accelerate launch examples/vision/run.py --model_type cifar_resnet --config_overrides layout=resnet20   # or resnet18
     accelerate launch examples/vision/run.py --model_type cifar_resnet --mixed_precision bf16 --torch_compile   # GPU path
     accelerate launch examples/vision/run.py --dataset_name uoft-cs/cifar10 --model_type vit \
         --config_overrides hidden_size=192,num_hidden_layers=6
 
-Data: image folders (``<dir>/<class name>/<image>``), or a Hub dataset with an image and a label column. Every
+Data: image folders (``<dir>/<class name>/<image>``), or a Hub dataset with an image and a label column. Every choice
+during training (evaluation, the first-epoch metric, anything tuned on it) reads the validation split, which is held
+out from train (seeded by ``--data_seed``) unless given; the test split (``--test_dir`` or a Hub ``test`` split) is
+read once, at the end, for the reported number. Every
 image is decoded once and cached as uint8 (``--image_cache_dir``); augmentation (random crop with 4-pixel padding,
 horizontal flip) runs on batched tensors, seeded by (seed, epoch, batch), so a resumed run sees the same pixels.
 """
@@ -72,6 +75,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_dir", default=None, help="image folder: <dir>/<class name>/<image file>")
     g.add_argument("--validation_dir", default=None, help="same class folders as --train_dir")
+    g.add_argument("--test_dir", default=None,
+                   help="same class folders as --train_dir; scored once at the end (the reported number)")
     g.add_argument("--validation_split_percentage", type=float, default=10.0,
                    help="held out from the training data (seeded) when no validation data is given")
     g.add_argument("--image_column_name", default=None, help="Hub dataset image column (default: image or img)")
@@ -121,8 +126,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     common.check_common_args(args)
     if args.dataset_name and (args.train_dir or args.validation_dir):
         raise UsageError("give either --dataset_name or --train_dir/--validation_dir, not both")
-    if args.validation_dir and not (args.train_dir or args.dataset_name):
-        raise UsageError("--validation_dir needs --train_dir")
+    if args.dataset_name and args.test_dir:
+        raise UsageError("give either --dataset_name (its 'test' split is the test set) or --test_dir, not both")
+    for flag in ("validation_dir", "test_dir"):
+        if getattr(args, flag) and not (args.train_dir or args.dataset_name):
+            raise UsageError(f"--{flag} needs --train_dir")
     if not 0 < args.validation_split_percentage < 100:
         raise UsageError(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}")
     if args.image_size < 8:
@@ -272,17 +280,18 @@ def read_hub_dataset(args: argparse.Namespace) -> dict[str, ImageSet]:
 
 
 def load_splits(args: argparse.Namespace) -> dict[str, ImageSet]:
-    """{"train", "validation"} ImageSets; validation is carved from train (seeded) when none is given."""
+    """{"train", "validation"[, "test"]} ImageSets; validation is carved from train (seeded) when none is given,
+    never taken from the test split."""
     if args.dataset_name:
         splits = read_hub_dataset(args)
-        if "validation" not in splits and "test" in splits:
-            splits["validation"] = splits.pop("test")
         if "train" not in splits:
             raise UsageError(f"dataset {args.dataset_name!r} has no 'train' split (splits: {', '.join(splits)})")
     elif args.train_dir:
         splits = {"train": read_image_folder(args.train_dir, "--train_dir", args)}
         if args.validation_dir:
             splits["validation"] = read_image_folder(args.validation_dir, "--validation_dir", args, splits["train"].classes)
+        if args.test_dir:
+            splits["test"] = read_image_folder(args.test_dir, "--test_dir", args, splits["train"].classes)
     else:
         splits = {"train": read_image_folder(BUILTIN_DATA / "train", "built-in train data", args)}
         splits["validation"] = read_image_folder(BUILTIN_DATA / "validation", "built-in validation data", args,
@@ -297,12 +306,13 @@ def load_splits(args: argparse.Namespace) -> dict[str, ImageSet]:
         held = max(1, round(len(train) * args.validation_split_percentage / 100))
         if held >= len(train):
             raise UsageError(f"--validation_split_percentage {args.validation_split_percentage} leaves no training images")
-        splits = {"train": train.subset(order[held:]), "validation": train.subset(order[:held])}
+        splits.update(train=train.subset(order[held:]), validation=train.subset(order[:held]))
         splits["validation"].skipped = 0                 # unreadable files are counted once, with train
         logger.info("no validation data given: held out %d of %d training images (--data_seed %d)", held, len(train),
                     args.data_seed)
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if limit and limit < len(splits[split]):   # folders are sorted by class: take a random subset, not the first N
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
+                         ("test", args.max_eval_samples)):
+        if split in splits and limit and limit < len(splits[split]):   # folders are sorted by class: take a random subset, not the first N
             order = torch.randperm(len(splits[split]), generator=torch.Generator().manual_seed(args.data_seed))
             splits[split] = splits[split].subset(order[:limit].sort().values)
     return splits
@@ -464,10 +474,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     # Data: decoded once (the main process fills the cache, the others read it).
     with accelerator.main_process_first():
         splits = load_splits(args)
-    train, val = splits["train"], splits["validation"]
+    train, val, test = splits["train"], splits["validation"], splits.get("test")
     mean, std = channel_stats(train.images)
-    logger.info("data: %d train / %d validation images, %d classes, %dx%d", len(train), len(val), len(train.classes),
-                args.image_size, args.image_size)
+    logger.info("data: %d train / %d validation%s images, %d classes, %dx%d", len(train), len(val),
+                f" / {len(test)} test" if test else "", len(train.classes), args.image_size, args.image_size)
 
     # Model built from a config after seeding: the seed fixes the initialisation.
     model = build_model(args, train.classes, mean, std)
@@ -485,11 +495,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                              num_processes=accelerator.num_processes)
     workers = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     train_dl = common.data_loader(range(len(train)), batch_sampler=train_sampler, collate_fn=train_batcher, **workers)
-    val_dl = common.data_loader(range(len(val)), batch_size=args.per_device_eval_batch_size,
-                        collate_fn=Batcher(val, mean, std, augment=False, seed=args.seed), **workers)
+    val_dl, test_dl = (None if data is None else common.data_loader(
+        range(len(data)), batch_size=args.per_device_eval_batch_size,
+        collate_fn=Batcher(data, mean, std, augment=False, seed=args.seed), **workers) for data in (val, test))
     max_steps, _ = common.training_length(args, math.ceil(len(train_sampler) / accelerator.num_processes))
     scheduler = common.make_scheduler(optimizer, args, max_steps, accelerator.num_processes)
     model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
+    test_dl = accelerator.prepare(test_dl) if test_dl is not None else None
     if args.torch_compile:            # after prepare: the compiled forward includes Accelerate's autocast
         common.compile_forward(accelerator.unwrap_model(model))
     max_steps, num_epochs = common.training_length(args, len(train_dl))
@@ -554,14 +566,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     final = (state.last_eval if state.last_eval.get("step") == state.completed_steps
              else evaluate(accelerator, model, val_dl, args, channels_last=channels_last))
+    if test_dl is not None:                                  # read once, here: never seen by any choice above
+        final = {**final, **evaluate(accelerator, model, test_dl, args, "test", channels_last=channels_last)}
     results = {"step": state.completed_steps, "epochs": state.epoch, **final,
-               "epoch1_accuracy": state.recorded.get("epoch1_accuracy"), "skipped_images": train.skipped + val.skipped}
+               "epoch1_accuracy": state.recorded.get("epoch1_accuracy"),
+               "skipped_images": sum(data.skipped for data in (train, val, test) if data is not None)}
     log.log({**results, "final": True})
     if accelerator.is_main_process:
         epoch1 = results["epoch1_accuracy"]
         print(f"validation: accuracy {results['validation_accuracy']:.4f}  loss {results['validation_loss']:.4f}  "
               f"({results['validation_samples']} images); after epoch 1: "
               + (f"{epoch1:.4f}" if epoch1 is not None else "n/a (stopped within the first epoch)"))
+        if test_dl is not None:
+            print(f"test: accuracy {results['test_accuracy']:.4f}  loss {results['test_loss']:.4f}  "
+                  f"({results['test_samples']} images, read once at the end)")
     unwrapped = accelerator.unwrap_model(model)
     plain = isinstance(getattr(unwrapped, "config", None), plain_models.PlainConfig)
     metrics = {k: v for k, v in results.items() if isinstance(v, (int, float)) and v is not None}
