@@ -200,6 +200,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, learn
     g.add_argument("--num_warmup_steps", type=int, default=warmup)
     g.add_argument("--optimizer", default=optimizer, choices=("adamw", "sgd"))
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
 
@@ -289,6 +290,9 @@ def check_common_args(args: argparse.Namespace) -> None:
     """Combination checks for the shared flags (done at the end of each script's parse_args), including the
     output folder: everything is checked before anything is read or written."""
     check_ranges(args, SHARED_RULES)
+    if getattr(args, "nesterov", False) and (args.optimizer != "sgd" or args.momentum == 0):
+        raise UsageError(f"--nesterov needs --optimizer sgd with --momentum > 0, got --optimizer {args.optimizer} "
+                         f"--momentum {args.momentum}")
     if args.push_to_hub and not args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id (e.g. your-name/marian-emergence)")
     if args.per_device_eval_batch_size is None:
@@ -532,7 +536,8 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, plan: Optional[Em
     # the gradients are not finite (``found_inf``, see DeviceChecks), with no host sync
     fused = not torch.backends.mps.is_available()
     if args.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=args.learning_rate, momentum=args.momentum, fused=fused)
+        return torch.optim.SGD(param_groups, lr=args.learning_rate, momentum=args.momentum,
+                               nesterov=getattr(args, "nesterov", False), fused=fused)
     return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=fused)
 
 

@@ -75,6 +75,19 @@ def test_the_cifar_resnet_defaults_to_sgd_like_the_other_convnets(tmp_path):
     assert (args.optimizer, args.learning_rate, args.weight_decay) == ("sgd", 0.05, 5e-4)
 
 
+def test_gpu_recipe_flags_reach_the_optimizer_and_the_loss(tmp_path, cache_dir):
+    args = run.parse_args(TINY_RESNET + ["--nesterov", "--output_dir", str(tmp_path)])
+    model = torch.nn.Linear(3, 2)
+    optimizer = common.make_optimizer(model, args)
+    assert optimizer.defaults["nesterov"] is True and optimizer.defaults["fused"] is True
+    flags = ("--max_train_steps", "1", "--logging_steps", "1", "--seed", "3", "--no_augmentation")
+    run.main(_args(tmp_path / "plain", cache_dir, *flags))
+    _fresh_state()
+    run.main(_args(tmp_path / "smooth", cache_dir, *flags, "--label_smoothing", "0.5"))
+    # same weights and batch at step 1: only the loss differs, by eps * (mean over classes of -log p - CE)
+    assert _losses(tmp_path / "smooth")[0] != pytest.approx(_losses(tmp_path / "plain")[0], rel=1e-6)
+
+
 def test_channels_last_gives_the_losses_of_contiguous_memory(tmp_path, cache_dir):
     flags = ("--max_train_steps", "4", "--logging_steps", "1", "--seed", "3")
     contiguous = run.main(_args(tmp_path / "nchw", cache_dir, *flags, "--channels_last", "no"))
@@ -186,6 +199,8 @@ def test_a_diverging_run_stops_with_exit_code_3_and_writes_no_checkpoint_after_i
     (["--mixed_precision", "fp16"], "argument --mixed_precision: invalid choice: 'fp16' (choose from 'no', 'bf16')"),
     (["--channels_last", "maybe"], "argument --channels_last: invalid choice: 'maybe' (choose from 'auto', 'yes', 'no')"),
     (["--torch_compile=yes"], "argument --torch_compile: ignored explicit argument 'yes'"),
+    (["--nesterov", "--optimizer", "adamw"], "--nesterov needs --optimizer sgd with --momentum > 0, got --optimizer adamw"),
+    (["--label_smoothing", "1.5"], "--label_smoothing must be in [0, 1), got 1.5"),
     (["--model_type", "vit", "--channels_last", "yes"],
      "--channels_last yes applies to the ConvNets (cnn, resnet, cifar_resnet, convnext), not vit"),
 ])

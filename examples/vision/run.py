@@ -101,6 +101,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     common.add_init_args(parser)
     common.add_training_args(parser, batch_size=128, learning_rate=None, epochs=3, weight_decay=None, warmup=0,
                              scheduler="cosine", optimizer=None)
+    parser.add_argument("--label_smoothing", type=float, default=0.0,
+                        help="training loss: cross-entropy against (1 - eps) one-hot + eps uniform (evaluation: plain)")
     common.add_speed_args(parser, channels_last=True)
     common.add_diagnostics_args(parser)
     common.add_run_args(parser, default_output_dir="out/vision")
@@ -135,7 +137,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise UsageError(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}")
     if args.image_size < 8:
         raise UsageError(f"--image_size must be >= 8, got {args.image_size}")
-    common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0})
+    common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0, "label_smoothing": common.FRACTION})
     return args
 
 
@@ -542,7 +544,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         for batch in batches:
             timer.data_ready()
             with accelerator.accumulate(model):
-                loss = F.cross_entropy(logits_of(model(pixel_input(batch, channels_last))).float(), batch["labels"])
+                loss = F.cross_entropy(logits_of(model(pixel_input(batch, channels_last))).float(), batch["labels"],
+                                       label_smoothing=args.label_smoothing)
                 grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints,
                                                   checks)
             timer.step_done(len(batch["labels"]))
@@ -571,6 +574,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     results = {"step": state.completed_steps, "epochs": state.epoch, **final,
                "epoch1_accuracy": state.recorded.get("epoch1_accuracy"),
                "skipped_images": sum(data.skipped for data in (train, val, test) if data is not None)}
+    if torch.cuda.is_available():
+        results["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     log.log({**results, "final": True})
     if accelerator.is_main_process:
         epoch1 = results["epoch1_accuracy"]
