@@ -666,7 +666,7 @@ def log_training(log: "MetricsLog", state: "TrainState", accelerator: Accelerato
     speed = timer.summary()
     record = {"step": state.completed_steps, "epoch": state.epoch, "loss": loss_value, "grad_norm": norm,
               "lr": scheduler.get_last_lr()[0], f"{unit}_per_s": speed["items_per_s"] * accelerator.num_processes,
-              "data_wait_share": speed["data_wait_share"]}
+              "data_wait_share": speed["data_wait_share"], "elapsed_s": time.perf_counter() - timer.started}
     log.log(record)
     return record
 
@@ -1045,7 +1045,7 @@ class Timer:
     def __init__(self) -> None:
         self.data = self.total = 0.0
         self.items = 0
-        self._mark = time.perf_counter()
+        self._mark = self.started = time.perf_counter()
 
     def data_ready(self) -> None:
         now = time.perf_counter()
