@@ -1,4 +1,4 @@
-"""The CIFAR ResNet (hf_emergence.models.cifar_resnet): architecture, Auto-class registration, save/load, its
+"""The CIFAR ResNet (hf_emergence.models): architecture, Auto-class registration, save/load, its
 registered layout under both layerings (one k per conv, one k per residual block), and the CLI's inspect."""
 
 import json
@@ -84,13 +84,25 @@ def test_save_pretrained_round_trips_through_the_auto_class(tmp_path):
     assert loaded.config.emergence_init["alpha"] == 1.3
 
 
-def test_a_saved_checkpoint_loads_in_a_fresh_process_after_import_hf_emergence(tmp_path):
+@pytest.mark.parametrize("imports", ["import hf_emergence, transformers as t", "import transformers as t, hf_emergence",
+                                     "from transformers import AutoConfig; import hf_emergence, transformers as t"])
+def test_a_saved_checkpoint_loads_in_a_fresh_process_whatever_the_import_order(tmp_path, imports):
     torch.manual_seed(0)
     AutoModelForImageClassification.from_config(_config("resnet20")).save_pretrained(tmp_path)
-    code = ("import hf_emergence, transformers as t; "
-            f"m = t.AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}); print(type(m).__name__)")
+    code = f"{imports}; m = t.AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}); print(type(m).__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "CifarResNetForImageClassification", proc.stderr[-2000:]
+
+
+def test_import_hf_emergence_stays_light_and_without_it_transformers_does_not_know_the_type(tmp_path):
+    torch.manual_seed(0)
+    AutoModelForImageClassification.from_config(_config("resnet20")).save_pretrained(tmp_path)
+    light = subprocess.run([sys.executable, "-c", "import sys, hf_emergence; print('transformers' in sys.modules)"],
+                           capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert light.returncode == 0 and light.stdout.strip() == "False", light.stderr[-2000:]
+    code = f"import transformers as t; t.AutoModelForImageClassification.from_pretrained({str(tmp_path)!r})"
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert bare.returncode != 0 and "does not recognize this architecture" in bare.stderr   # the README's wording
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -150,7 +162,7 @@ def test_measured_factors_equal_the_plan(layer_unit):
         assert torch.allclose(p, before[name] * factor, rtol=1e-6, atol=0), name
     # base init is Kaiming-normal (fan_in, ReLU gain): std sqrt(2 / fan_in) for the 9*64 fan-in convs of stage 3
     w = before["resnet.stages.2.blocks.2.conv2.convolution.weight"]
-    assert float(w.std()) == pytest.approx((2 / (9 * 64)) ** 0.5, rel=0.03)
+    assert float(w.detach().std()) == pytest.approx((2 / (9 * 64)) ** 0.5, rel=0.03)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -11,8 +11,8 @@ stride-1 conv, so a 32x32 image keeps its resolution into the first stage:
 
 Layouts: ``resnet18`` = depths [2, 2, 2, 2], widths [64, 128, 256, 512] (11.2M parameters); ``resnet20`` = depths
 [3, 3, 3], widths [16, 32, 64] (0.27M; the paper uses zero-padding shortcuts, "option A", here the projection).
-Convs have no bias (BN follows each). Importing ``hf_emergence`` registers ``model_type="cifar_resnet"`` with
-``AutoConfig`` and ``AutoModelForImageClassification``, so saved checkpoints load through the Auto classes.
+Convs have no bias (BN follows each). The config is in :mod:`.configuration_cifar_resnet`; :mod:`hf_emergence.models`
+registers both with transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -22,68 +22,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import (BaseModelOutputWithPoolingAndNoAttention,
                                            ImageClassifierOutputWithNoAttention)
+
+from .configuration_cifar_resnet import LAYOUTS, CifarResNetConfig
 
 try:  # transformers >= 5: init functions that skip tensors flagged as already initialised
     from transformers import initialization as init
 except ImportError:  # pragma: no cover
     from torch.nn import init
-
-#: name -> (depths, hidden_sizes)
-LAYOUTS: dict[str, tuple[list[int], list[int]]] = {
-    "resnet18": ([2, 2, 2, 2], [64, 128, 256, 512]),
-    "resnet20": ([3, 3, 3], [16, 32, 64]),
-}
-
-
-class CifarResNetConfig(PreTrainedConfig):
-    """Config of :class:`CifarResNetForImageClassification`.
-
-    Args:
-        layout: "resnet18" or "resnet20" fills ``depths`` and ``hidden_sizes``; explicit ``depths``/``hidden_sizes``
-            win. Reading ``config.layout`` names the preset the current lists match, or "custom"; setting it
-            (``--config_overrides layout=resnet20``) sets both lists.
-        depths: BasicBlocks per stage.
-        hidden_sizes: channels per stage; the stem outputs ``hidden_sizes[0]``.
-        num_channels: input channels.
-    """
-
-    model_type = "cifar_resnet"
-
-    def __init__(self, layout: Optional[str] = "resnet18", depths: Optional[Sequence[int]] = None,
-                 hidden_sizes: Optional[Sequence[int]] = None, num_channels: int = 3, **kwargs: Any) -> None:
-        if layout not in (None, "custom", *LAYOUTS):
-            raise ValueError(f"layout={layout!r} is not one of: {', '.join(LAYOUTS)}, custom")
-        preset = LAYOUTS.get(layout or "", LAYOUTS["resnet18"])
-        self.depths = [int(d) for d in (depths if depths is not None else preset[0])]
-        self.hidden_sizes = [int(w) for w in (hidden_sizes if hidden_sizes is not None else preset[1])]
-        self.num_channels = int(num_channels)
-        self._check()
-        super().__init__(**kwargs)
-
-    def _check(self) -> None:
-        if len(self.depths) != len(self.hidden_sizes) or not self.depths:
-            raise ValueError(f"depths ({self.depths}) and hidden_sizes ({self.hidden_sizes}) need one entry per stage, "
-                             "and at least one stage")
-        if min(self.depths) < 1 or min(self.hidden_sizes) < 1 or self.num_channels < 1:
-            raise ValueError(f"depths, hidden_sizes and num_channels must be >= 1, got depths={self.depths}, "
-                             f"hidden_sizes={self.hidden_sizes}, num_channels={self.num_channels}")
-
-    @property
-    def layout(self) -> str:
-        return next((name for name, (d, w) in LAYOUTS.items() if d == self.depths and w == self.hidden_sizes), "custom")
-
-    @layout.setter
-    def layout(self, name: str) -> None:
-        if name not in LAYOUTS:
-            raise ValueError(f"layout={name!r} is not one of: {', '.join(LAYOUTS)} (set depths/hidden_sizes for others)")
-        self.depths, self.hidden_sizes = list(LAYOUTS[name][0]), list(LAYOUTS[name][1])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "layout": self.layout}   # informative: the lists are what a load reads
-
 
 class CifarResNetConvNorm(nn.Module):
     """conv (no bias) -> BatchNorm."""
