@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader, Sampler
 
 from hf_emergence import EmergenceInit, EmergencePlan
@@ -247,6 +247,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, learn
     g.add_argument("--num_warmup_steps", type=int, default=warmup)
     g.add_argument("--optimizer", default=optimizer, choices=("adamw", "sgd"))
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
 
@@ -272,6 +273,30 @@ def add_run_args(parser: argparse.ArgumentParser, default_output_dir: str) -> No
     g.add_argument("--num_threads", type=int, default=None,
                    help="CPU threads per process (default: the available cores divided by the local processes)")
     g.add_argument("--no_progress_bar", action="store_true")
+
+
+def add_speed_args(parser: argparse.ArgumentParser, channels_last: bool = False) -> None:
+    """``--mixed_precision`` (Accelerate's autocast; fp16 is left out: its loss scaler skips overflowing steps, which the
+    non-finite guard would report as divergence), ``--torch_compile`` and, for ConvNets, ``--channels_last``."""
+    g = parser.add_argument_group("speed")
+    g.add_argument("--mixed_precision", default=None, choices=("no", "bf16"),
+                   help="bf16: forward and loss under Accelerate's bf16 autocast, weights and optimizer in fp32 "
+                        "(default: what `accelerate launch` / `accelerate config` say, else no)")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="compile the model's forward with torch.compile (inductor; the first steps pay the compile time, "
+                        "checkpoints keep the plain parameter names)")
+    if channels_last:
+        g.add_argument("--channels_last", default="auto", choices=("auto", "yes", "no"),
+                       help="keep weights and input batches in channels_last memory format (NHWC); auto: yes for ConvNets "
+                            "on a GPU, where cuDNN and bf16 run fastest in it")
+
+
+def compile_forward(model: nn.Module) -> None:
+    """``torch.compile`` the forward of the (prepared) model in place. Compiling the bound ``forward`` rather than
+    wrapping the module (``torch.compile(model)``) keeps the parameter names (no ``_orig_mod.`` prefix), so checkpoints
+    of compiled and plain runs load into each other; ``nn.Module.compile()`` is not used because torch 2.13's dynamo
+    skips the ``_call_impl`` it wraps (nothing gets compiled)."""
+    model.forward = torch.compile(model.forward)
 
 
 def add_diagnostics_args(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +337,9 @@ def check_common_args(args: argparse.Namespace) -> None:
     """Combination checks for the shared flags (done at the end of each script's parse_args), including the
     output folder: everything is checked before anything is read or written."""
     check_ranges(args, SHARED_RULES)
+    if getattr(args, "nesterov", False) and (args.optimizer != "sgd" or args.momentum == 0):
+        raise UsageError(f"--nesterov needs --optimizer sgd with --momentum > 0, got --optimizer {args.optimizer} "
+                         f"--momentum {args.momentum}")
     if args.push_to_hub and not args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id (e.g. your-name/marian-emergence)")
     if args.per_device_eval_batch_size is None:
@@ -403,7 +431,9 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator
     with as many CPU threads per process as cores allow (``accelerate launch`` alone pins OMP to 1 thread)."""
     has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
         torch.backends.mps.is_available()
+    # non_blocking: batches from pinned memory are copied to the GPU without making the host wait for the device
     accelerator = Accelerator(cpu=not has_device, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True),
                               mixed_precision=getattr(args, "mixed_precision", None),   # None: accelerate launch's
                               log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
@@ -548,11 +578,13 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, plan: Optional[Em
         groups.setdefault(key, []).append(p)
     param_groups = [{"params": ps, "weight_decay": args.weight_decay if decay else 0.0, "lr": args.learning_rate * scale}
                     for (decay, scale), ps in sorted(groups.items())]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=args.learning_rate, momentum=args.momentum)
-    # the fused kernel (one pass over each tensor) is several times faster than the default per-op AdamW on CPU and
-    # GPU; same update rule (docs/results/throughput_translation)
+    # the fused kernels (one pass over each tensor) are several times faster than the default per-op AdamW on CPU and
+    # GPU (docs/results/throughput_translation), same update rule; they also skip a step on the device when told that
+    # the gradients are not finite (``found_inf``, see DeviceChecks), with no host sync
     fused = not torch.backends.mps.is_available()
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=args.learning_rate, momentum=args.momentum,
+                               nesterov=getattr(args, "nesterov", False), fused=fused)
     return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=fused)
 
 
@@ -589,16 +621,62 @@ def clip_and_check(accelerator: Accelerator, model: nn.Module, args: argparse.Na
     return norm
 
 
+class DeviceChecks:
+    """The non-finite guard without a host sync per step: the gradient norm is checked on the device, a step whose norm
+    is not finite is skipped there (the fused optimizer's ``found_inf``, as ``torch.amp.GradScaler`` does), and the first
+    such step is remembered as a device tensor. :meth:`check` reads it (one sync) and raises :class:`NonFiniteLoss`; call
+    it where the host reads anyway (logging steps) and before every evaluation and checkpoint, so that no checkpoint
+    is written after a skipped step. Optimizers without ``found_inf`` support get the synchronous check
+    (:func:`clip_and_check`)."""
+
+    def __init__(self) -> None:
+        self.first_bad: Optional[torch.Tensor] = None    # [step, epoch, norm] of the first non-finite norm; step -1: none
+
+    @staticmethod
+    def supported(optimizer: torch.optim.Optimizer) -> bool:
+        inner = getattr(optimizer, "optimizer", optimizer)        # accelerate's AcceleratedOptimizer wraps it
+        return bool(getattr(inner, "_step_supports_amp_scaling", False)) and getattr(optimizer, "scaler", None) is None
+
+    def note(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor, step: int, epoch: int) -> None:
+        """Record this step's norm and make the coming ``optimizer.step()`` a no-op on the device if it is not finite."""
+        norm = norm.detach().reshape(()).float()
+        bad = ~torch.isfinite(norm)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.found_inf = bad.float()
+        here = torch.stack([torch.where(bad, float(step), -1.0), torch.full_like(norm, float(epoch)), norm])
+        self.first_bad = here if self.first_bad is None else torch.where(self.first_bad[0] >= 0, self.first_bad, here)
+
+    def check(self, state: "TrainState", checkpoints: "Checkpoints") -> None:
+        if self.first_bad is None:
+            return
+        step, epoch, norm = self.first_bad.tolist()
+        if step < 0:
+            return
+        last = checkpoints.latest()
+        raise NonFiniteLoss(f"the loss/gradient became {norm} at step {int(step)} (epoch {int(epoch)}); that step was skipped "
+                            f"and the run stopped at step {state.completed_steps}, when the check was read (every "
+                            f"--logging_steps and before evaluations and checkpoints). Last good checkpoint: "
+                            f"{last or 'none written yet'}. Try a lower --learning_rate or --alpha.")
+
+
 def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                   loss: torch.Tensor, args: argparse.Namespace, state: "TrainState", checkpoints: "Checkpoints"
-                   ) -> Optional[float]:
+                   loss: torch.Tensor, args: argparse.Namespace, state: "TrainState", checkpoints: "Checkpoints",
+                   checks: Optional[DeviceChecks] = None) -> Optional[float | torch.Tensor]:
     """Backward, then (on the micro-batch that completes an accumulation) clip/check the gradient norm and step.
 
     Call inside ``accelerator.accumulate(model)``: the prepared optimizer and scheduler skip the other micro-batches.
-    Returns the gradient norm, or None when no step was taken.
+    Returns the gradient norm (a float; with ``checks``, a device tensor that is not read here), or None when no step
+    was taken.
     """
     accelerator.backward(loss)
-    grad_norm = clip_and_check(accelerator, model, args, state, checkpoints) if accelerator.sync_gradients else None
+    grad_norm = None
+    if accelerator.sync_gradients:
+        if checks is not None and DeviceChecks.supported(optimizer):
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                    args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+            checks.note(optimizer, grad_norm, state.completed_steps + 1, state.epoch)
+        else:
+            grad_norm = clip_and_check(accelerator, model, args, state, checkpoints)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad()
@@ -625,12 +703,17 @@ def finish_epoch(state: "TrainState", batches_per_epoch: int) -> bool:
 
 
 def log_training(log: "MetricsLog", state: "TrainState", accelerator: Accelerator, loss: torch.Tensor,
-                 grad_norm: Optional[float], scheduler: Any, timer: "Timer", unit: str) -> dict[str, Any]:
-    """One training record: loss, gradient norm, learning rate, ``<unit>_per_s`` over all processes, data wait share."""
+                 grad_norm: Optional[float | torch.Tensor], scheduler: Any, timer: "Timer", unit: str) -> dict[str, Any]:
+    """One training record: loss, gradient norm, learning rate, ``<unit>_per_s`` over all processes, data wait share.
+    Reading the loss is the host's one sync with the device in a logging interval; the timer is read after it, so the
+    throughput counts the work queued on an asynchronous device as done."""
+    loss_value = float(loss.detach())
+    norm = float(grad_norm) if grad_norm is not None else None
+    timer.step_done(0)                # the wait for the device up to here belongs to this interval's steps
     speed = timer.summary()
-    record = {"step": state.completed_steps, "epoch": state.epoch, "loss": float(loss.detach()), "grad_norm": grad_norm,
+    record = {"step": state.completed_steps, "epoch": state.epoch, "loss": loss_value, "grad_norm": norm,
               "lr": scheduler.get_last_lr()[0], f"{unit}_per_s": speed["items_per_s"] * accelerator.num_processes,
-              "data_wait_share": speed["data_wait_share"]}
+              "data_wait_share": speed["data_wait_share"], "elapsed_s": time.perf_counter() - timer.started}
     log.log(record)
     return record
 
@@ -1009,7 +1092,7 @@ class Timer:
     def __init__(self) -> None:
         self.data = self.total = 0.0
         self.items = 0
-        self._mark = time.perf_counter()
+        self._mark = self.started = time.perf_counter()
 
     def data_ready(self) -> None:
         now = time.perf_counter()

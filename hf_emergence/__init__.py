@@ -7,6 +7,7 @@
 
 __version__ = "0.1.0"
 
+from . import models  # registers cifar_resnet with transformers' Auto classes
 from .architectures import discover, get_architecture, list_architectures, register_architecture, unregister_architecture
 from .emergence_init import EmergenceInit
 from .record import AlreadyAppliedError, already_applied

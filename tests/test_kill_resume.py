@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"translation": ROOT / "examples" / "translation" / "run.py", "vision": ROOT / "examples" / "vision" / "run.py"}
-TIMING = ("target_tokens_per_s", "tokens_per_s", "images_per_s", "data_wait_share")
+TIMING = ("target_tokens_per_s", "tokens_per_s", "images_per_s", "data_wait_share", "elapsed_s")
 # 200 pairs / 16 = 13 batches per epoch; a kill after the step-4 checkpoint lands inside the first epoch
 TRANSLATION = ["--model_preset", "tiny", "--max_train_samples", "200", "--max_eval_samples", "16", "--vocab_size", "300",
                "--per_device_train_batch_size", "16", "--num_beams", "1", "--max_target_length", "24",

@@ -37,6 +37,7 @@ CONFIGS: dict[str, tuple[str, dict, type]] = {
                AutoModelForImageClassification),
     "convnext": ("convnext", dict(hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, num_labels=10),
                  AutoModelForImageClassification),
+    "cifar_resnet": ("cifar_resnet", dict(hidden_sizes=[8, 16], depths=[1, 2], num_labels=10), AutoModelForImageClassification),
     # fallback only (not registered)
     "gpt2": ("gpt2", dict(n_layer=3, n_embd=16, n_head=2, vocab_size=64, n_positions=32), AutoModelForCausalLM),
     "bert": ("bert", dict(num_hidden_layers=3, hidden_size=16, num_attention_heads=2, intermediate_size=32,
@@ -104,7 +105,7 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {name: hf_factory(name) for name
 FACTORIES.update({"mlp": MLP, "cnn": CNN, "torch_transformer": TorchTransformer})
 EXAMPLE_INPUTS = {"torch_transformer": torch.zeros(2, 5, dtype=torch.long)}
 
-REGISTERED = ["bart", "convnext", "deit", "m2m_100", "marian", "mbart", "mt5", "pegasus", "resnet", "t5", "vit"]
+REGISTERED = ["bart", "cifar_resnet", "convnext", "deit", "m2m_100", "marian", "mbart", "mt5", "pegasus", "resnet", "t5", "vit"]
 FALLBACK = ["gpt2", "bert", "mlp", "cnn", "torch_transformer"]
 
 _ED = {"encoder": 3, "decoder": 4}
@@ -120,6 +121,8 @@ EXPECTED = {
     "deit": ("registry:deit", {"encoder": 5}, "deit.layers.0.attention.q_proj.weight", "deit.layers.4.mlp.fc2.weight"),
     # stem + 3 basic blocks x 2 convs + classifier; the stage-1 shortcut shares a layer
     "resnet": ("registry:resnet", {"model": 8}, "resnet.embedder.embedder.convolution.weight", "classifier.1.weight"),
+    # stem + 3 basic blocks x 2 convs + classifier; the stage-1 shortcut shares a layer
+    "cifar_resnet": ("registry:cifar_resnet", {"model": 8}, "resnet.stem.convolution.weight", "classifier.weight"),
     # stem + 3 blocks x 3 + 1 downsampling conv + classifier
     "convnext": ("registry:convnext", {"model": 12}, "convnext.embeddings.patch_embeddings.weight", "classifier.weight"),
     "gpt2": ("traced", {"transformer.h": 3}, "transformer.h.0.attn.c_attn.weight", "transformer.h.2.mlp.c_proj.weight"),

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Train an image classifier built from a config (ViT, DeiT, ResNet, ConvNeXt, or the paper's plain MLP / CNN with or
-without BatchNorm) with the emergence-promoting initialisation or a baseline, and report top-1 accuracy, including
+"""Train an image classifier built from a config (ViT, DeiT, ResNet, the CIFAR ResNet, ConvNeXt, or the paper's plain MLP /
+CNN with or without BatchNorm) with the emergence-promoting initialisation or a baseline, and report top-1 accuracy, including
 the accuracy after the first epoch (the paper's headline metric).
 
     accelerate launch examples/vision/run.py                                       # built-in CIFAR-10 sample, offline
     accelerate launch examples/vision/run.py --init kaiming                        # the baseline, same budget
     accelerate launch examples/vision/run.py --model_type resnet --alpha 1.5 --train_dir cifar10/train --test_dir cifar10/test
+    accelerate launch examples/vision/run.py --model_type cifar_resnet --config_overrides layout=resnet20   # or resnet18
+    accelerate launch examples/vision/run.py --model_type cifar_resnet --mixed_precision bf16 --torch_compile   # GPU path
     accelerate launch examples/vision/run.py --dataset_name uoft-cs/cifar10 --model_type vit \
         --config_overrides hidden_size=192,num_hidden_layers=6
 
@@ -45,18 +47,22 @@ from common import UsageError  # noqa: E402
 logger = logging.getLogger("hf_emergence.examples.vision")
 BUILTIN_DATA = Path(__file__).resolve().parent / "data" / "cifar10_sample"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-HF_MODEL_TYPES = ("vit", "deit", "resnet", "convnext")
+HF_MODEL_TYPES = ("vit", "deit", "resnet", "cifar_resnet", "convnext")
 MODEL_TYPES = HF_MODEL_TYPES + plain_models.PLAIN_MODEL_TYPES
-# CIFAR-sized defaults (32x32 inputs). ResNet keeps transformers' 7x7/stride-2 stem and max-pool: a 3x3 stem would
-# change the architecture and the checkpoint would no longer load in stock transformers.
+# CIFAR-sized defaults (32x32 inputs). ResNet keeps transformers' 7x7/stride-2 stem and max-pool (its checkpoints load in
+# stock transformers); cifar_resnet is hf_emergence's CIFAR ResNet (3x3 stride-1 stem, no max-pool), ResNet-18 by
+# default, ResNet-20 with --config_overrides layout=resnet20 (its checkpoints load after `import hf_emergence`).
 HF_DEFAULTS = {
     "vit": dict(patch_size=4, hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=384,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     "resnet": dict(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2], layer_type="basic"),
+    "cifar_resnet": dict(layout="resnet18"),
     "convnext": dict(patch_size=2, hidden_sizes=[48, 96, 192, 384], depths=[2, 2, 2, 2]),
 }
 HF_DEFAULTS["deit"] = HF_DEFAULTS["vit"]
 PLAIN_DEFAULTS = {"mlp": dict(depth=4, width=512), "cnn": dict(depth=6, width=32)}
+SGD_MODEL_TYPES = ("mlp", "cnn", "resnet", "cifar_resnet")
+CONVNET_TYPES = ("cnn", "resnet", "cifar_resnet", "convnext")        # --channels_last applies to these
 # Optimiser defaults: SGD for the ConvNets and MLP (the paper's setting), AdamW for the attention models.
 OPTIMIZER_DEFAULTS = {"sgd": dict(learning_rate=0.05, weight_decay=5e-4), "adamw": dict(learning_rate=1e-3, weight_decay=0.05)}
 
@@ -95,10 +101,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     common.add_init_args(parser)
     common.add_training_args(parser, batch_size=128, learning_rate=None, epochs=3, weight_decay=None, warmup=0,
                              scheduler="cosine", optimizer=None)
+    parser.add_argument("--label_smoothing", type=float, default=0.0,
+                        help="training loss: cross-entropy against (1 - eps) one-hot + eps uniform (evaluation: plain)")
+    common.add_speed_args(parser, channels_last=True)
     common.add_diagnostics_args(parser)
     common.add_run_args(parser, default_output_dir="out/vision")
     args = parser.parse_args(argv)
 
+    if args.channels_last == "yes" and args.model_type not in CONVNET_TYPES:
+        raise UsageError(f"--channels_last yes applies to the ConvNets ({', '.join(CONVNET_TYPES)}), not {args.model_type}")
     plain = args.model_type in plain_models.PLAIN_MODEL_TYPES
     if not plain and (args.depth is not None or args.width is not None or args.batch_norm is not None):
         raise UsageError(f"--depth/--width/--batch_norm apply to mlp and cnn; for {args.model_type} use --config_overrides")
@@ -110,7 +121,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if args.depth < 1 or args.width < 1:
             raise UsageError(f"--depth and --width must be >= 1, got {args.depth} and {args.width}")
     if args.optimizer is None:
-        args.optimizer = "sgd" if args.model_type in ("mlp", "cnn", "resnet") else "adamw"
+        args.optimizer = "sgd" if args.model_type in SGD_MODEL_TYPES else "adamw"
     for key, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -126,7 +137,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise UsageError(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}")
     if args.image_size < 8:
         raise UsageError(f"--image_size must be >= 8, got {args.image_size}")
-    common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0})
+    common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0, "label_smoothing": common.FRACTION})
     return args
 
 
@@ -415,25 +426,41 @@ def logits_of(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def resolve_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
+    """--channels_last: yes / no, or auto: yes for a ConvNet on a GPU (cuDNN's fastest layout, above all under bf16)."""
+    if args.channels_last == "auto":
+        return args.model_type in CONVNET_TYPES and device.type == "cuda"
+    return args.channels_last == "yes"
+
+
+def pixel_input(batch: dict[str, torch.Tensor], channels_last: bool) -> torch.Tensor:
+    """The batch's pixels in the model's memory format (NHWC strides under channels_last; same values)."""
+    pixels = batch["pixel_values"]
+    return pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(accelerator, model, dataloader, args: argparse.Namespace, split: str = "validation") -> dict[str, Any]:
+def evaluate(accelerator, model, dataloader, args: argparse.Namespace, split: str = "validation",
+             channels_last: bool = False) -> dict[str, Any]:
     """Top-1 accuracy and mean cross-entropy over the whole split, each image counted exactly once
-    (gather_for_metrics drops the samples duplicated to even out the last batch across processes)."""
+    (gather_for_metrics drops the samples duplicated to even out the last batch across processes). Predictions stay
+    on the device until the split is done: one host read, not one per batch."""
     was_training = model.training
     model.eval()
     predictions, references = [], []
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for batch in tqdm(dataloader, desc=f"eval {split}", disable=args.no_progress_bar or not accelerator.is_local_main_process,
                       leave=False):
-        logits = logits_of(model(batch["pixel_values"])).float()
+        logits = logits_of(model(pixel_input(batch, channels_last))).float()
         losses = F.cross_entropy(logits, batch["labels"], reduction="none")
         preds, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
-        predictions += preds.tolist()
-        references += labels.tolist()
+        predictions.append(preds)
+        references.append(labels)
         loss_sum += losses.double().sum()
     model.train(was_training)
-    metric = common.load_metric("accuracy_offline").compute(predictions=predictions, references=references)
+    metric = common.load_metric("accuracy_offline").compute(predictions=torch.cat(predictions).tolist(),
+                                                            references=torch.cat(references).tolist())
     return {f"{split}_accuracy": metric["accuracy"], f"{split}_loss": float(loss_sum) / max(1, metric["total"]),
             f"{split}_samples": metric["total"]}
 
@@ -459,6 +486,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     plan = getattr(model, "emergence_plan", None)
     if plan is not None:
         logger.info("emergence init:\n%s", plan)
+    channels_last = resolve_channels_last(args, accelerator.device)
+    if channels_last:                 # conv weights in NHWC strides, before the optimizer sees them; same values
+        model = model.to(memory_format=torch.channels_last)
     example = torch.zeros(1, 3, args.image_size, args.image_size)
     optimizer = common.make_optimizer(model, args, common.lr_plan(args, model, example_inputs=(example,)))
 
@@ -474,6 +504,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     scheduler = common.make_scheduler(optimizer, args, max_steps, accelerator.num_processes)
     model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
     test_dl = accelerator.prepare(test_dl) if test_dl is not None else None
+    if args.torch_compile:            # after prepare: the compiled forward includes Accelerate's autocast
+        common.compile_forward(accelerator.unwrap_model(model))
     max_steps, num_epochs = common.training_length(args, len(train_dl))
     probe = (Batcher(val, mean, std, augment=False, seed=args.seed)(list(range(min(256, len(val)))))
              if args.measure_emergence else None)                   # fixed batch for --measure_emergence
@@ -484,11 +516,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     timer = common.Timer()
+    checks = common.DeviceChecks()    # the non-finite guard, read only at logging steps, evaluations and checkpoints
 
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
         first_epoch = epoch_end and state.epoch == 1          # the paper's metric: always measured
-        if common.is_due(args.eval_steps, state, epoch_end) or first_epoch:
-            result = evaluate(accelerator, model, val_dl, args)
+        evaluating = common.is_due(args.eval_steps, state, epoch_end) or first_epoch
+        if evaluating or common.is_due(args.checkpointing_steps, state, epoch_end):
+            checks.check(state, checkpoints)
+        if evaluating:
+            result = evaluate(accelerator, model, val_dl, args, channels_last=channels_last)
             if args.measure_emergence:
                 result.update(common.emergence_report(accelerator, model, probe["pixel_values"]))
             if first_epoch:
@@ -508,13 +544,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         for batch in batches:
             timer.data_ready()
             with accelerator.accumulate(model):
-                loss = F.cross_entropy(logits_of(model(batch["pixel_values"])).float(), batch["labels"])
-                grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints)
+                loss = F.cross_entropy(logits_of(model(pixel_input(batch, channels_last))).float(), batch["labels"],
+                                       label_smoothing=args.label_smoothing)
+                grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints,
+                                                  checks)
             timer.step_done(len(batch["labels"]))
             if not common.count_micro_batch(state, accelerator, len(batch["labels"])):
                 continue
             progress.update(1)
             if state.completed_steps % args.logging_steps == 0:
+                checks.check(state, checkpoints)
                 record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "images")
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
@@ -526,13 +565,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             evaluate_and_checkpoint(epoch_end=True)
             timer.restart()
     progress.close()
+    checks.check(state, checkpoints)
 
-    final = state.last_eval if state.last_eval.get("step") == state.completed_steps else evaluate(accelerator, model, val_dl, args)
+    final = (state.last_eval if state.last_eval.get("step") == state.completed_steps
+             else evaluate(accelerator, model, val_dl, args, channels_last=channels_last))
     if test_dl is not None:                                  # read once, here: never seen by any choice above
-        final = {**final, **evaluate(accelerator, model, test_dl, args, "test")}
+        final = {**final, **evaluate(accelerator, model, test_dl, args, "test", channels_last=channels_last)}
     results = {"step": state.completed_steps, "epochs": state.epoch, **final,
                "epoch1_accuracy": state.recorded.get("epoch1_accuracy"),
                "skipped_images": sum(data.skipped for data in (train, val, test) if data is not None)}
+    if torch.cuda.is_available():
+        results["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     log.log({**results, "final": True})
     if accelerator.is_main_process:
         epoch1 = results["epoch1_accuracy"]

@@ -1,4 +1,4 @@
-"""Vision models as rows: ViT-family Transformers (ViT, DeiT) and ConvNets (ResNet, ConvNeXt).
+"""Vision models as rows: ViT-family Transformers (ViT, DeiT) and ConvNets (ResNet, the CIFAR ResNet, ConvNeXt).
 
 * ViT/DeiT are Transformers: the layers are the encoder blocks (``layer_unit="block"``), base init
   Xavier-uniform; the patch embedding, position/cls tokens and the classifier are left alone.
@@ -32,6 +32,13 @@ RESNET = convnet_row(
                   roles={r"shortcut\.convolution": SHORTCUT}, count="depths", stage=r"encoder\.stages\.\d+"),
     description="Stem conv, ``encoder.stages.S.layers.B`` residual blocks (convs in order, shortcut last), classifier.")
 
+CIFAR_RESNET = convnet_row(
+    "cifar_resnet", stem=r"stem\.convolution", classifier=r"classifier",
+    blocks=Blocks(r"stages\.\d+\.blocks\.\d+", (r"conv1\.convolution", r"conv2\.convolution", r"shortcut\.convolution"),
+                  roles={r"shortcut\.convolution": SHORTCUT}, count="depths", stage=r"stages\.\d+"),
+    description="hf_emergence's CIFAR ResNet (3x3 stem): stem conv, `stages.S.blocks.B` BasicBlocks (conv1, conv2, "
+                "projection shortcut last), classifier.")
+
 CONVNEXT = convnet_row(
     "convnext", stem=r"embeddings\.patch_embeddings", classifier=r"classifier",
     between=(Single(r"encoder\.stages\.\d+\.downsampling_layer\.1"),),
@@ -39,4 +46,4 @@ CONVNEXT = convnet_row(
                   stage=r"encoder\.stages\.\d+"),
     description="Patch-embedding stem, per stage (downsampling conv, blocks of dwconv/pwconv1/pwconv2), classifier.")
 
-ROWS = (VIT, RESNET, CONVNEXT)
+ROWS = (VIT, RESNET, CIFAR_RESNET, CONVNEXT)
