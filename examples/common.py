@@ -486,6 +486,32 @@ def data_loader(dataset: Any, **kwargs: Any) -> DataLoader:
     return DataLoader(dataset, generator=torch.Generator(device=torch.get_default_device()), **kwargs)
 
 
+@contextlib.contextmanager
+def quiet_datasets(progress: bool = True) -> Iterator[None]:
+    """datasets logs its own ERROR line before raising; we report the failure as one line ourselves. With
+    ``progress=False`` its progress bars (file resolution, split generation) are off too."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (or of its cause's), for one-line reports of library errors."""
+    cause = err.__cause__ or err.__context__
+    text = str(err).strip() or (str(cause).strip() if cause else "") or type(err).__name__
+    return f"{type(err).__name__}: {text.splitlines()[0]}"
+
+
 # ---------------------------------------------------------------------------------------- optimisation
 def make_optimizer(model: nn.Module, args: argparse.Namespace, plan: Optional[EmergencePlan] = None) -> torch.optim.Optimizer:
     """AdamW or SGD; no weight decay on 1-D tensors (biases, norms). With ``plan`` (the per-layer-LR control),
