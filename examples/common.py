@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -361,6 +362,7 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator
                               log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
+    cache_accelerate_package_checks()
     if accelerator.device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -371,6 +373,17 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator
         accelerator.init_trackers(project_name, {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                  for k, v in vars(args).items()})
     return accelerator
+
+
+def cache_accelerate_package_checks() -> None:
+    """accelerate's ``AcceleratedOptimizer.step`` asks ``is_lomo_available()`` twice per step, and each answer is an
+    ``importlib`` spec lookup plus a metadata scan of ``sys.path`` (~3.5 ms each on CPU, profiled: 7 ms of a 50 ms
+    step of a tiny model). Which packages are installed does not change during a run: answer once."""
+    import accelerate.optimizer as accelerated
+
+    check = accelerated.is_lomo_available
+    if not getattr(check, "cache_info", None):
+        accelerated.is_lomo_available = functools.cache(check)
 
 
 # ------------------------------------------------------------------------------------------ data order
