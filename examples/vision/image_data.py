@@ -278,13 +278,12 @@ def read_image_folder(root: str | Path, what: str, args: argparse.Namespace,
     paths = [str(p.resolve()) for p, _ in files]
     with common.quiet_datasets(progress=not args.no_progress_bar):
         ds = datasets.load_dataset("imagefolder", data_files={"train": paths}, split="train", cache_dir=args.cache_dir)
-    names = ds.features["label"].names
+    labels = torch.tensor([found.index(c) for _, c in files], dtype=torch.long)
+    if "label" in ds.features:                 # imagefolder keeps the order of data_files (none for a single class)
+        lookup = torch.tensor([found.index(name) for name in ds.features["label"].names], dtype=torch.long)
+        if len(ds) != len(files) or not torch.equal(lookup[torch.tensor(ds["label"], dtype=torch.long)], labels):
+            raise RuntimeError(f"imagefolder returned {root} in another order than listed")
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    lookup = torch.tensor([found.index(name) for name in names], dtype=torch.long)
-    labels = lookup[torch.tensor(ds["label"], dtype=torch.long)]
-    expected = torch.tensor([found.index(c) for _, c in files], dtype=torch.long)
-    if len(ds) != len(files) or not torch.equal(labels, expected):   # imagefolder keeps the order of data_files
-        raise RuntimeError(f"imagefolder returned {root} in another order than listed")
     identity = ["folder"] + [(p, f.stat().st_size, f.stat().st_mtime_ns) for p, (f, _) in zip(paths, files)]
     split = ImageSet(labels, found, torch.arange(len(ds)), source=ds.select_columns(["image"]),
                      origin=f"{what} {root}", image_size=args.image_size)
