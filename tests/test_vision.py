@@ -388,9 +388,10 @@ def test_parquet_folder_in_the_hub_layout(tmp_path):
 
 
 def test_exact_resume_in_the_streaming_path_with_workers(tmp_path, cache_dir):
+    """Also: a run with a cold image cache (the check pass runs) trains like one reading the cache."""
     flags = ["--max_train_steps", "10", "--checkpointing_steps", "3", "--in_memory", "no", "--dataloader_num_workers",
              "1", *TINY["cnn"]]
-    expected = run.main(_args(tmp_path / "a", cache_dir, *flags))
+    expected = run.main(_args(tmp_path / "a", str(tmp_path / "cold_cache"), *flags))
     resumed = tmp_path / "b"
     resumed.mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006")

@@ -38,7 +38,6 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 import zlib
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import common
@@ -215,8 +214,8 @@ def scan(split: ImageSet, args: argparse.Namespace, identity: Any, decode: bool)
         pixels = torch.empty((n, 3, size, size), dtype=torch.uint8) if decode else None   # filled in place: no stack
         errors: list[tuple[int, str]] = []
         workers = args.preprocessing_num_workers or 0
-        loader = DataLoader(split.rows.tolist(), batch_size=SCAN_CHUNK, num_workers=workers,
-                            collate_fn=_Scan(split.source, size, decode, split.origin))
+        loader = common.data_loader(split.rows.tolist(), batch_size=SCAN_CHUNK, num_workers=workers,   # own generator:
+                                    collate_fn=_Scan(split.source, size, decode, split.origin))  # a cold cache draws nothing from the global RNG
         start = filled = 0
         for chunk_ok, chunk, chunk_errors in tqdm(loader, desc=f"{mode} {split.origin}", leave=False,
                                                   disable=args.no_progress_bar):
