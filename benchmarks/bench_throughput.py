@@ -164,11 +164,12 @@ def vision_task(opts, work: Path) -> dict[str, Any]:
     base = ["--model_type", "cnn", "--per_device_train_batch_size", str(opts.vision_batch_size),
             "--max_train_steps", str(opts.vision_steps), "--logging_steps", str(opts.vision_warmup),
             "--eval_steps", "1000000", "--no_progress_bar", "--image_cache_dir", str(cache),
-            "--num_threads", str(opts.threads), "--seed", "42"]
+            "--num_threads", str(opts.threads), "--seed", "42", "--cache_dir", str(work / "datasets_cache")]
     args = run.parse_args(base + ["--output_dir", str(work / "vision_hand")])
     splits = run.load_splits(args)                       # decodes once and fills the cache (not timed)
     train = splits["train"]
-    mean, std = run.channel_stats(train.images)
+    mean, std = run.channel_stats(train)
+    images_u8 = train.images                             # the split's uint8 pixels as one tensor, gathered once
     sampler = common.EpochBatchSampler(len(train), args.per_device_train_batch_size, args.seed)
     batches = planned_batches(sampler, opts.vision_steps)
     sizes = [len(b) for b in batches]
@@ -191,7 +192,7 @@ def vision_task(opts, work: Path) -> dict[str, Any]:
         def step(i: int) -> tuple[int, float]:
             t = time.perf_counter()
             index = torch.tensor(batches[i], dtype=torch.long)
-            images = run.random_crop_flip(train.images[index], generator)
+            images = run.random_crop_flip(images_u8[index], generator)
             pixels = (images.float() - mean_t) / std_t
             labels = train.labels[index]
             data_s = time.perf_counter() - t

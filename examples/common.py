@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -438,6 +439,7 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator
                               log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
+    cache_accelerate_package_checks()
     if accelerator.device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -448,6 +450,17 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator
         accelerator.init_trackers(project_name, {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                  for k, v in vars(args).items()})
     return accelerator
+
+
+def cache_accelerate_package_checks() -> None:
+    """accelerate's ``AcceleratedOptimizer.step`` asks ``is_lomo_available()`` twice per step, and each answer is an
+    ``importlib`` spec lookup plus a metadata scan of ``sys.path`` (~3.5 ms each on CPU, profiled: 7 ms of a 50 ms
+    step of a tiny model). Which packages are installed does not change during a run: answer once."""
+    import accelerate.optimizer as accelerated
+
+    check = accelerated.is_lomo_available
+    if not getattr(check, "cache_info", None):
+        accelerated.is_lomo_available = functools.cache(check)
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -561,6 +574,32 @@ def data_loader(dataset: Any, **kwargs: Any) -> DataLoader:
     (accelerate's ``prepare`` and ``skip_first_batches`` keep the loader's generator.)
     """
     return DataLoader(dataset, generator=torch.Generator(device=torch.get_default_device()), **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_datasets(progress: bool = True) -> Iterator[None]:
+    """datasets logs its own ERROR line before raising; we report the failure as one line ourselves. With
+    ``progress=False`` its progress bars (file resolution, split generation) are off too."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (or of its cause's), for one-line reports of library errors."""
+    cause = err.__cause__ or err.__context__
+    text = str(err).strip() or (str(cause).strip() if cause else "") or type(err).__name__
+    return f"{type(err).__name__}: {text.splitlines()[0]}"
 
 
 # ---------------------------------------------------------------------------------------- optimisation

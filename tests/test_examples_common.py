@@ -719,3 +719,14 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(accelerator, tmp_pat
     assert ckpts.resolve("latest") == tmp_path / "checkpoints" / "step_00000005"
     assert ckpts.load(ckpts.latest()) == state
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                # handlers restored
+
+
+def test_accelerate_package_check_is_answered_once(monkeypatch):
+    """The optimizer wrapper's per-step is_lomo_available() is cached: same answer, the lookup runs once."""
+    import accelerate.optimizer as accelerated
+
+    calls = []
+    monkeypatch.setattr(accelerated, "is_lomo_available", lambda: calls.append(1) or False)
+    common.cache_accelerate_package_checks()
+    common.cache_accelerate_package_checks()          # idempotent: not cached twice
+    assert [accelerated.is_lomo_available() for _ in range(5)] == [False] * 5 and calls == [1]

@@ -48,7 +48,8 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 def _args(out: Path, cache: str, *extra: str) -> list[str]:
-    return ["--output_dir", str(out), "--image_cache_dir", cache, "--no_progress_bar", "--max_train_samples", "64",
+    return ["--output_dir", str(out), "--image_cache_dir", cache, "--cache_dir", str(Path(cache) / "datasets"),
+            "--no_progress_bar", "--max_train_samples", "64",
             "--max_eval_samples", "40", "--per_device_train_batch_size", "16", "--logging_steps", "1", *extra]
 
 
@@ -97,7 +98,8 @@ def test_reported_accuracy_equals_an_independent_recount(tmp_path, cache_dir):
 
     model = plain_models.load_plain(out).eval()
     config = model.config
-    args = run.parse_args(["--max_eval_samples", "40", "--image_cache_dir", cache_dir, "--no_progress_bar"])
+    args = run.parse_args(["--max_eval_samples", "40", "--image_cache_dir", cache_dir, "--no_progress_bar",
+                           "--cache_dir", str(Path(cache_dir) / "datasets")])
     val = run.load_splits(args)["validation"]
     mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(config.image_std).view(1, 3, 1, 1)
@@ -140,7 +142,8 @@ def test_random_crop_flip_matches_explicit_slicing():
 
 
 def test_batcher_augmentation_depends_on_seed_epoch_and_batch_only():
-    data = run.ImageSet(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10) % 3, ["a", "b", "c"])
+    data = run.ImageSet.from_pixels(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10) % 3,
+                                    ["a", "b", "c"])
     batcher = run.Batcher(data, [0.5] * 3, [0.25] * 3, augment=True, seed=1)
     first = batcher([0, 4, 7])["pixel_values"]
     assert torch.equal(first, batcher([0, 4, 7])["pixel_values"])
@@ -150,11 +153,12 @@ def test_batcher_augmentation_depends_on_seed_epoch_and_batch_only():
     assert torch.allclose(plain, (data.images[2:3].float() / 255 - 0.5) / 0.25)
 
 
-def test_two_processes_count_each_validation_image_once(tmp_path, cache_dir):
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
+def test_two_processes_count_each_validation_image_once(in_memory, tmp_path, cache_dir):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(SCRIPT), *_args(out, cache_dir, "--max_train_steps", "2", *TINY["cnn"]),
-           "--max_eval_samples", "37", "--per_device_eval_batch_size", "8"]
+           "--max_eval_samples", "37", "--per_device_eval_batch_size", "8", "--in_memory", in_memory]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -271,3 +275,150 @@ def test_test_split_is_read_once_at_the_end(tmp_path, capsys, cache_dir):
     err = _fails(capsys, _args(tmp_path / "o2", cache_dir, "--train_dir", str(train), "--test_dir", str(test)))
     assert "--test_dir" in err and "'c' is not a training class" in err
     assert "not both" in _fails(capsys, _args(tmp_path / "o3", cache_dir, "--dataset_name", "x/y", "--test_dir", str(test)))
+
+
+# ------------------------------------------------------------------------------------ streaming / in memory
+image_data = sys.modules["image_data"]
+
+
+def _noise_folder(root: Path, classes: dict[str, int], size: int = 12, seed: int = 0) -> Path:
+    """Random-noise images of mixed sizes (some resized on decode), PNG and JPEG."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for c, (cls, n) in enumerate(classes.items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            side = size if i % 3 else size + 5
+            pixels = torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / cls / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def _data_args(tmp_path: Path, *extra: str):
+    return run.parse_args(["--output_dir", str(tmp_path / "o"), "--image_cache_dir", str(tmp_path / "pixels"),
+                           "--cache_dir", str(tmp_path / "datasets"), "--no_progress_bar", "--image_size", "12", *extra])
+
+
+def test_streaming_and_in_memory_batches_are_bit_identical(tmp_path):
+    """Same rows, labels, statistics and augmented batches whichever way the pixels are held; a second in-memory
+    run reads the decoded cache (no decoding)."""
+    train = _noise_folder(tmp_path / "train", {"a": 9, "b": 7, "c": 8})
+    (train / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    flags = ["--train_dir", str(train), "--max_train_samples", "15", "--skip_bad_images"]
+    held = image_data.load_splits(_data_args(tmp_path, *flags, "--in_memory", "yes"))
+    streamed = image_data.load_splits(_data_args(tmp_path, *flags, "--in_memory", "no"))
+    assert held["train"].in_memory and not streamed["train"].in_memory
+    assert held["train"].skipped == streamed["train"].skipped == 1
+    for split in ("train", "validation"):
+        a, b = held[split], streamed[split]
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
+    assert len(held["train"]) == 15 and len(held["validation"]) == 2      # 10% of 23 readable, then 15 of the rest
+    stats = run.channel_stats(held["train"])
+    assert stats == run.channel_stats(streamed["train"], sample=100)      # sample >= the split: every image
+    for augment in (True, False):
+        x = run.Batcher(held["train"], *stats, augment=augment, seed=3)
+        y = run.Batcher(streamed["train"], *stats, augment=augment, seed=3)
+        x.epoch = y.epoch = 2
+        for indices in ([0, 5, 9, 14], [3], list(range(15))):
+            bx, by = x(indices), y(indices)
+            assert torch.equal(bx["pixel_values"], by["pixel_values"]) and torch.equal(bx["labels"], by["labels"])
+    decoded = list((tmp_path / "pixels").glob("*.decode.pt"))
+    assert len(decoded) == 1
+    calls = []
+    original = image_data.decode_image
+    image_data.decode_image = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        again = image_data.load_splits(_data_args(tmp_path, *flags, "--in_memory", "yes"))
+    finally:
+        image_data.decode_image = original
+    assert not calls and torch.equal(again["train"].images, held["train"].images)
+
+
+def test_channel_stats_are_exact_and_sampled_by_seed():
+    images = torch.randint(0, 256, (40, 3, 5, 5), dtype=torch.uint8)
+    mean, std = run.channel_stats(images)
+    x = images.double().div(255).transpose(0, 1).flatten(1)
+    assert mean == pytest.approx(x.mean(1).tolist(), abs=1e-15) and std == pytest.approx(x.std(1).tolist(), abs=1e-15)
+    data = run.ImageSet.from_pixels(images, torch.zeros(40, dtype=torch.long), ["a"])
+    chosen = torch.randperm(40, generator=torch.Generator().manual_seed(7))[:10].sort().values
+    assert run.channel_stats(data, sample=10, seed=7) == run.channel_stats(images[chosen])
+    assert run.channel_stats(data, sample=10, seed=8) != run.channel_stats(data, sample=10, seed=7)
+
+
+def test_in_memory_auto_chooses_by_the_uint8_size(tmp_path, monkeypatch):
+    assert image_data.uint8_bytes(50000, 32) == 50000 * 3 * 32 * 32
+    monkeypatch.setattr(image_data, "available_ram", lambda: 64 << 30)
+    assert image_data.choose_in_memory("auto", 50000, 32)                   # CIFAR-10: 147 MiB
+    assert not image_data.choose_in_memory("auto", 1_281_167, 224)          # ImageNet-1k at 224: 180 GiB
+    assert image_data.choose_in_memory("yes", 1_281_167, 224) and not image_data.choose_in_memory("no", 10, 8)
+    monkeypatch.setattr(image_data, "available_ram", lambda: 400 << 20)     # a quarter of the RAM: 100 MiB
+    assert not image_data.choose_in_memory("auto", 50000, 32)
+    train = _noise_folder(tmp_path / "train", {"a": 5, "b": 5})
+    assert image_data.load_splits(_data_args(tmp_path, "--train_dir", str(train)))["train"].in_memory
+    monkeypatch.setattr(image_data, "IN_MEMORY_CAP_BYTES", 10 * 3 * 12 * 12 - 1)   # one byte short
+    assert not image_data.load_splits(_data_args(tmp_path, "--train_dir", str(train)))["train"].in_memory
+
+
+def test_parquet_folder_in_the_hub_layout(tmp_path):
+    """A local folder laid out like a Hub dataset (data/<split>-*.parquet, images as encoded bytes) trains
+    streaming, with its test split scored at the end; both paths read the same pixels."""
+    import datasets
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    for split, n in (("train", 12), ("test", 5)):
+        images = [Image.fromarray(torch.randint(0, 256, (12, 12, 3), generator=g, dtype=torch.uint8).numpy())
+                  for _ in range(n)]
+        (tmp_path / "hub" / "data").mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict({"img": images, "label": [i % 2 for i in range(n)]}, features=features).to_parquet(
+            str(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    flags = ["--dataset_name", str(tmp_path / "hub")]
+    streamed = image_data.load_splits(_data_args(tmp_path, *flags, "--in_memory", "no"))
+    held = image_data.load_splits(_data_args(tmp_path, *flags, "--in_memory", "yes"))
+    assert streamed["train"].classes == ["x", "y"] and len(streamed["test"]) == 5
+    for split in ("train", "validation", "test"):
+        assert torch.equal(streamed[split].images, held[split].images)
+    results = run.main(["--output_dir", str(tmp_path / "o"), "--image_cache_dir", str(tmp_path / "pixels"),
+                        "--cache_dir", str(tmp_path / "datasets"), "--no_progress_bar", "--image_size", "12", *flags,
+                        "--in_memory", "no", "--max_train_steps", "2", "--per_device_train_batch_size", "4",
+                        "--dataloader_num_workers", "1", *TINY["mlp"], "--model_type", "mlp"])
+    assert results["step"] == 2 and results["test_samples"] == 5 and results["validation_samples"] == 1
+
+
+def test_exact_resume_in_the_streaming_path_with_workers(tmp_path, cache_dir):
+    """Also: a run with a cold image cache (the check pass runs) trains like one reading the cache."""
+    flags = ["--max_train_steps", "10", "--checkpointing_steps", "3", "--in_memory", "no", "--dataloader_num_workers",
+             "1", *TINY["cnn"]]
+    expected = run.main(_args(tmp_path / "a", str(tmp_path / "cold_cache"), *flags))
+    resumed = tmp_path / "b"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006")
+    results = run.main(_args(resumed, cache_dir, *flags, "--resume_from_checkpoint",
+                             str(resumed / "checkpoints" / "step_00000006")))
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert results == expected
+    held = run.main(_args(tmp_path / "c", cache_dir, "--max_train_steps", "10", "--in_memory", "yes", *TINY["cnn"]))
+    assert held == expected                          # the in-memory path trains on the same pixels
+
+
+def test_a_bad_image_found_in_a_worker_is_one_line():
+    def collate(_):
+        raise image_data.BadImageError("some/file.jpg: cannot read this image (OSError: truncated)")
+
+    loader = torch.utils.data.DataLoader(range(2), batch_size=1, num_workers=1, collate_fn=collate)
+    with pytest.raises(common.UsageError) as caught:
+        next(iter(loader))
+    assert str(caught.value) == "some/file.jpg: cannot read this image (OSError: truncated)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--in_memory", "maybe"], "invalid choice: 'maybe'"),
+    (["--preprocessing_num_workers", "-1"], "--preprocessing_num_workers must be >= 0, got -1"),
+    (["--channel_stats_samples", "-5"], "--channel_stats_samples must be >= 0, got -5"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0, got -1"),
+])
+def test_bad_data_flags_are_one_line(argv, message, tmp_path, capsys, cache_dir):
+    assert message in _fails(capsys, _args(tmp_path / "o", cache_dir, "--max_train_steps", "1", *argv))

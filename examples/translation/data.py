@@ -13,7 +13,6 @@ Bad input is a :class:`common.UsageError` naming the file (and line) and what wa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 from pathlib import Path
@@ -23,6 +22,8 @@ import datasets
 import torch
 
 from common import UsageError
+from common import first_line as _first_line
+from common import quiet_datasets as _quiet_datasets
 
 BUILTIN_DATA = Path(__file__).resolve().parent / "data" / "multi30k_sample"
 SPECIALS = ("<pad>", "</s>", "<unk>")
@@ -34,17 +35,6 @@ SCRIPT_ALTERNATIVES = ("build IWSLT14 de-en as fairseq does with `python example
                        "--train_file data/iwslt14/train --validation_file data/iwslt14/valid --test_file data/iwslt14/test "
                        "--pretokenized; or use a parquet dataset, e.g. --dataset_name wmt/wmt14 --dataset_config_name de-en "
                        "--max_train_samples N")
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """datasets logs its own ERROR line before raising; we report the failure as one line ourselves."""
-    level = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        datasets.logging.set_verbosity(level)
 
 
 def _open_text(path: Path):
@@ -129,12 +119,6 @@ def read_table_file(path: str, src: str, tgt: str, cache_dir: Optional[str] = No
         raise UsageError(f"{path}: cannot read it as {builder} ({_first_line(err)})") from None
     where = (lambda row: f"{path}:{_record_lines(p)[row]}") if builder == "json" else (lambda row: f"{path}: row {row + 1}")
     return to_pairs(ds, src, tgt, str(path), where)
-
-
-def _first_line(err: BaseException) -> str:
-    cause = err.__cause__ or err.__context__
-    text = str(err).strip() or (str(cause).strip() if cause else "") or type(err).__name__
-    return f"{type(err).__name__}: {text.splitlines()[0]}"
 
 
 def _first_null(column) -> Optional[int]:

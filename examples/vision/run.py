@@ -11,24 +11,24 @@ the accuracy after the first epoch (the paper's headline metric).
     accelerate launch examples/vision/run.py --dataset_name uoft-cs/cifar10 --model_type vit \
         --config_overrides hidden_size=192,num_hidden_layers=6
 
-Data: image folders (``<dir>/<class name>/<image>``), or a Hub dataset with an image and a label column. Every choice
+Data (``image_data.py``): image folders (``<dir>/<class name>/<image>``, read with datasets' ``imagefolder``), or a
+Hub dataset (or a local folder in the Hub layout, e.g. parquet) with an image and a label column. Every choice
 during training (evaluation, the first-epoch metric, anything tuned on it) reads the validation split, which is held
 out from train (seeded by ``--data_seed``) unless given; the test split (``--test_dir`` or a Hub ``test`` split) is
-read once, at the end, for the reported number. Every
-image is decoded once and cached as uint8 (``--image_cache_dir``); augmentation (random crop with 4-pixel padding,
-horizontal flip) runs on batched tensors, seeded by (seed, epoch, batch), so a resumed run sees the same pixels.
+read once, at the end, for the reported number. Data that fits (``--in_memory auto``: CIFAR) is decoded once into a
+uint8 tensor, cached (``--image_cache_dir``) and, on a GPU, kept and augmented on the device; larger data is decoded
+batch by batch in the DataLoader workers (``--dataloader_num_workers``). Augmentation (random crop with 4-pixel
+padding, horizontal flip) runs on batched tensors, seeded by (seed, epoch, batch), so a resumed run sees the same
+pixels on either path.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
 import os
 import sys
-import zlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -39,14 +39,15 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/common.py
-sys.path.insert(0, str(Path(__file__).resolve().parent))      # plain_models.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # plain_models.py, image_data.py
 import common  # noqa: E402
+import image_data  # noqa: E402
 import plain_models  # noqa: E402
 from common import UsageError  # noqa: E402
+from image_data import Batcher, ImageSet, channel_stats, load_splits, random_crop_flip  # noqa: E402,F401
 
 logger = logging.getLogger("hf_emergence.examples.vision")
-BUILTIN_DATA = Path(__file__).resolve().parent / "data" / "cifar10_sample"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+BUILTIN_DATA = image_data.BUILTIN_DATA
 HF_MODEL_TYPES = ("vit", "deit", "resnet", "cifar_resnet", "convnext")
 MODEL_TYPES = HF_MODEL_TYPES + plain_models.PLAIN_MODEL_TYPES
 # CIFAR-sized defaults (32x32 inputs). ResNet keeps transformers' 7x7/stride-2 stem and max-pool (its checkpoints load in
@@ -89,9 +90,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--skip_bad_images", action="store_true", help="skip and count unreadable images instead of stopping")
     g.add_argument("--image_cache_dir", default=os.environ.get("HF_EMERGENCE_IMAGE_CACHE",
                                                                str(Path.home() / ".cache" / "hf_emergence" / "images")),
-                   help="decoded uint8 images are cached here, keyed by the file list ('' disables)")
+                   help="decoded uint8 images (in memory) and the unreadable-file check (streaming) are cached here, "
+                        "keyed by the file list or dataset fingerprint ('' disables)")
+    g.add_argument("--cache_dir", default=None, help="datasets cache folder (default: datasets' own)")
+    g.add_argument("--in_memory", default="auto", choices=("auto", "yes", "no"),
+                   help="decode every image once into one uint8 tensor (on the GPU when there is one) or per batch; "
+                        f"auto: in memory when the pixels fit in {image_data.IN_MEMORY_CAP_BYTES >> 30} GiB and a "
+                        "quarter of the available RAM")
+    g.add_argument("--channel_stats_samples", type=int, default=10000,
+                   help="streaming: the normalisation mean/std come from this many training images drawn with "
+                        "--data_seed (0: all); in memory: always all")
     g.add_argument("--no_augmentation", action="store_true")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--preprocessing_num_workers", type=int, default=None,
+                   help="processes decoding (in memory) or checking (streaming) the images before training")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="processes serving batches (streaming: decoding them); in memory on a GPU: always 0")
     common.add_model_args(parser, MODEL_TYPES, "cnn")
     g = parser.add_argument_group("plain models (mlp, cnn)")
     g.add_argument("--depth", type=int, default=None, help="hidden layers (mlp) or conv layers (cnn); default 4 / 6")
@@ -137,230 +150,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise UsageError(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}")
     if args.image_size < 8:
         raise UsageError(f"--image_size must be >= 8, got {args.image_size}")
-    common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0, "label_smoothing": common.FRACTION})
+    common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0, "preprocessing_num_workers": common.AT_LEAST_0,
+                               "channel_stats_samples": common.AT_LEAST_0, "label_smoothing": common.FRACTION})
     return args
-
-
-# ------------------------------------------------------------------------------------------------ data
-class ImageSet:
-    """Decoded images as one uint8 tensor (N, 3, H, W), integer labels and the class names."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], skipped: int = 0):
-        self.images, self.labels, self.classes, self.skipped = images, labels, classes, skipped
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.classes, self.skipped)
-
-
-def decode_image(source: Any, size: int) -> torch.Tensor:
-    """A path or PIL image -> uint8 (3, size, size), RGB, resized (bilinear) only when needed."""
-    import numpy as np
-    from PIL import Image
-
-    image = Image.open(source) if isinstance(source, (str, Path)) else source
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def list_image_folder(root: str | Path, what: str) -> tuple[list[str], list[tuple[Path, str]]]:
-    """(sorted class names, [(file, class)]) of an image folder; a UsageError when it is missing or empty."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f"{what} {root}: no such folder (expected <folder>/<class name>/<image files>)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise UsageError(f"{what} {root}: no class folders inside (expected <folder>/<class name>/<image files>)")
-    files = [(p, c) for c in classes for p in sorted((root / c).iterdir())
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise UsageError(f"{what} {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    empty = [c for c in classes if not any(cls == c for _, cls in files)]
-    if empty:
-        raise UsageError(f"{what} {root}: class folder {empty[0]!r} holds no images")
-    return classes, files
-
-
-def read_image_folder(root: str | Path, what: str, args: argparse.Namespace,
-                      classes: Optional[list[str]] = None) -> ImageSet:
-    """Decode an image folder once (cached); with ``classes`` (the training classes) the folders must match."""
-    found, files = list_image_folder(root, what)
-    if classes is not None and found != classes:
-        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-        detail = f"class folder {missing[0]!r} is missing" if missing else f"class folder {extra[0]!r} is not a training class"
-        raise UsageError(f"{what} {root}: {detail} (training classes: {', '.join(classes)})")
-    classes = found
-    key = hashlib.sha1(json.dumps([args.image_size, args.skip_bad_images] + [
-        (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in files]).encode()).hexdigest()
-    cache = Path(args.image_cache_dir) / f"{key}.pt" if args.image_cache_dir else None
-    if cache is not None and cache.is_file():
-        saved = torch.load(cache)
-        return ImageSet(saved["images"], saved["labels"], classes, saved["skipped"])
-    images, labels, bad = [], [], []
-    index = {c: i for i, c in enumerate(classes)}
-    for path, cls in tqdm(files, desc=f"decode {Path(root).name}", disable=args.no_progress_bar, leave=False):
-        try:
-            images.append(decode_image(path, args.image_size))
-        except (OSError, ValueError, SyntaxError) as err:   # PIL: UnidentifiedImageError is an OSError
-            if not args.skip_bad_images:
-                raise UsageError(f"{path}: cannot read this image ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                                 "pass --skip_bad_images to skip and count such files") from None
-            bad.append(path)
-            continue
-        labels.append(index[cls])
-    if not images:
-        raise UsageError(f"{what} {root}: none of its {len(files)} images could be read")
-    if bad:
-        logger.warning("%s %s: skipped %d unreadable image(s), e.g. %s", what, root, len(bad), bad[0])
-    result = ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), classes, len(bad))
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
-        torch.save({"images": result.images, "labels": result.labels, "skipped": result.skipped}, tmp)
-        os.replace(tmp, cache)
-    return result
-
-
-def _pick_column(columns: list[str], given: Optional[str], candidates: tuple[str, ...], what: str, dataset: str) -> str:
-    if given is not None:
-        if given not in columns:
-            raise UsageError(f"dataset {dataset!r} has no column {given!r} (columns: {', '.join(columns)})")
-        return given
-    for name in candidates:
-        if name in columns:
-            return name
-    raise UsageError(f"dataset {dataset!r} has no {what} column (looked for {', '.join(candidates)}; columns: "
-                     f"{', '.join(columns)}): pass --{what}_column_name")
-
-
-def read_hub_dataset(args: argparse.Namespace) -> dict[str, ImageSet]:
-    import datasets
-
-    try:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-    except Exception as err:  # not found / offline / bad config: one line, not a datasets traceback
-        raise UsageError(f"cannot load dataset {args.dataset_name!r} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    first = next(iter(raw.values()))
-    image_col = _pick_column(first.column_names, args.image_column_name, ("image", "img"), "image", args.dataset_name)
-    label_col = _pick_column(first.column_names, args.label_column_name, ("label", "labels", "fine_label"), "label",
-                             args.dataset_name)
-    feature, values = first.features[label_col], first[label_col]
-    if hasattr(feature, "names"):                                  # ClassLabel: its names, in order
-        classes = list(feature.names)
-    elif all(isinstance(v, int) for v in values):                  # bare ints: classes 0..max of the first split
-        classes = [str(i) for i in range(max(values) + 1)]
-    else:                                                          # strings: sorted names
-        classes = sorted({str(v) for v in values})
-    out = {}
-    for split, ds in raw.items():
-        images, labels, bad = [], [], 0
-        for i, row in enumerate(tqdm(ds, desc=f"decode {split}", disable=args.no_progress_bar, leave=False)):
-            label = row[label_col]
-            if not isinstance(label, int):
-                if str(label) not in classes:
-                    raise UsageError(f"dataset {args.dataset_name!r} split {split!r} row {i}: label {label!r} is not a "
-                                     f"class of the {first.split} split ({', '.join(classes[:10])})")
-                label = classes.index(str(label))
-            if not 0 <= label < len(classes):
-                raise UsageError(f"dataset {args.dataset_name!r} split {split!r} row {i}: label {label} is out of range "
-                                 f"[0, {len(classes)})")
-            try:
-                images.append(decode_image(row[image_col], args.image_size))
-            except (OSError, ValueError, AttributeError) as err:
-                if not args.skip_bad_images:
-                    raise UsageError(f"dataset {args.dataset_name!r} split {split!r} row {i}: cannot read the image "
-                                     f"({type(err).__name__}); pass --skip_bad_images to skip such rows") from None
-                bad += 1
-                continue
-            labels.append(label)
-        out[split] = ImageSet(torch.stack(images), torch.tensor(labels), classes, bad)
-    return out
-
-
-def load_splits(args: argparse.Namespace) -> dict[str, ImageSet]:
-    """{"train", "validation"[, "test"]} ImageSets; validation is carved from train (seeded) when none is given,
-    never taken from the test split."""
-    if args.dataset_name:
-        splits = read_hub_dataset(args)
-        if "train" not in splits:
-            raise UsageError(f"dataset {args.dataset_name!r} has no 'train' split (splits: {', '.join(splits)})")
-    elif args.train_dir:
-        splits = {"train": read_image_folder(args.train_dir, "--train_dir", args)}
-        if args.validation_dir:
-            splits["validation"] = read_image_folder(args.validation_dir, "--validation_dir", args, splits["train"].classes)
-        if args.test_dir:
-            splits["test"] = read_image_folder(args.test_dir, "--test_dir", args, splits["train"].classes)
-    else:
-        splits = {"train": read_image_folder(BUILTIN_DATA / "train", "built-in train data", args)}
-        splits["validation"] = read_image_folder(BUILTIN_DATA / "validation", "built-in validation data", args,
-                                                 splits["train"].classes)
-    if len(splits["train"].classes) < 2:
-        source = f"--train_dir {args.train_dir}" if args.train_dir else f"dataset {args.dataset_name!r}"
-        raise UsageError(f"{source} has a single class ({splits['train'].classes[0]!r}): a classifier needs at least "
-                         "two (one folder per class)")
-    if "validation" not in splits:
-        train = splits["train"]
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.data_seed))
-        held = max(1, round(len(train) * args.validation_split_percentage / 100))
-        if held >= len(train):
-            raise UsageError(f"--validation_split_percentage {args.validation_split_percentage} leaves no training images")
-        splits.update(train=train.subset(order[held:]), validation=train.subset(order[:held]))
-        splits["validation"].skipped = 0                 # unreadable files are counted once, with train
-        logger.info("no validation data given: held out %d of %d training images (--data_seed %d)", held, len(train),
-                    args.data_seed)
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
-                         ("test", args.max_eval_samples)):
-        if split in splits and limit and limit < len(splits[split]):   # folders are sorted by class: take a random subset, not the first N
-            order = torch.randperm(len(splits[split]), generator=torch.Generator().manual_seed(args.data_seed))
-            splits[split] = splits[split].subset(order[:limit].sort().values)
-    return splits
-
-
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units (std at least 1/255: a constant channel stays finite)."""
-    x = images.to(torch.float64).div_(255).transpose(0, 1).flatten(1)
-    return x.mean(1).tolist(), x.std(1).clamp(min=1 / 255).tolist()
-
-
-class Batcher:
-    """collate_fn over dataset indices: gather uint8 images, augment (train), normalise to float.
-
-    The augmentation of a batch depends only on (seed, epoch, the batch's indices), so it is the same in
-    every process layout and after a resume. Random crop: zero-pad 4 pixels, crop back to the input size.
-    """
-
-    def __init__(self, data: ImageSet, mean: list[float], std: list[float], augment: bool, seed: int):
-        self.data, self.augment, self.seed, self.epoch = data, augment, seed, 0
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
-
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.tensor(indices, dtype=torch.long)
-        images = self.data.images[index]
-        if self.augment:
-            key = zlib.crc32(index.numpy().tobytes(), zlib.crc32(f"{self.seed}/{self.epoch}".encode()))
-            images = random_crop_flip(images, torch.Generator().manual_seed(key))
-        pixels = (images.float() - self.mean) / self.std
-        return {"pixel_values": pixels, "labels": self.data.labels[index], "index": index}
-
-
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Per-image random crop (after zero padding) and horizontal flip of a uint8 batch (N, C, H, W), vectorised."""
-    n, _, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    rows = (dy[:, None] + torch.arange(h)[None])                                  # (n, h)
-    cols = dx[:, None] + torch.arange(w)[None]                                    # (n, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(n)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -473,11 +265,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     resume_path = checkpoints.resolve(args.resume_from_checkpoint)
     set_seed(args.seed)
 
-    # Data: decoded once (the main process fills the cache, the others read it).
+    # Data: in memory (decoded once: the main process fills the cache, the others read it) or streaming.
     with accelerator.main_process_first():
-        splits = load_splits(args)
+        splits = load_splits(args, accelerator.device)
     train, val, test = splits["train"], splits["validation"], splits.get("test")
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(train, 0 if train.in_memory else args.channel_stats_samples, args.data_seed)
     logger.info("data: %d train / %d validation%s images, %d classes, %dx%d", len(train), len(val),
                 f" / {len(test)} test" if test else "", len(train.classes), args.image_size, args.image_size)
 
@@ -495,7 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     train_batcher = Batcher(train, mean, std, augment=not args.no_augmentation, seed=args.seed)
     train_sampler = common.EpochBatchSampler(len(train), args.per_device_train_batch_size, args.seed,
                                              num_processes=accelerator.num_processes)
-    workers = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
+    on_device = train.in_memory and train.pixels.device.type != "cpu"       # batches are built where the pixels are
+    workers = dict(num_workers=0 if on_device else args.dataloader_num_workers,
+                   pin_memory=accelerator.device.type == "cuda" and not on_device)
     train_dl = common.data_loader(range(len(train)), batch_sampler=train_sampler, collate_fn=train_batcher, **workers)
     val_dl, test_dl = (None if data is None else common.data_loader(
         range(len(data)), batch_size=args.per_device_eval_batch_size,
