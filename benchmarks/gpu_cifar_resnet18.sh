@@ -35,7 +35,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS
 export HF_EMERGENCE_IMAGE_CACHE="$DATA_ROOT/image_cache"
 python -c "import datasets, evaluate, PIL" 2>/dev/null || {
   [ -d .whl ] || { echo "error: datasets/evaluate/PIL missing and no .whl/ (run benchmarks/fetch_gpu_wheels.sh 3.12)" >&2; exit 2; }
-  pip install --quiet --no-index --find-links .whl datasets evaluate pillow
+  pip install --quiet --no-index --find-links .whl -r .whl/requirements.txt
 }
 if [ ! -d "$DATA_ROOT/cifar10/train/airplane" ]; then
   [ -f "$TAR" ] || { echo "error: $TAR not found (the CIFAR-10 JPG tar with cifar10/{train,test}/<class>/)" >&2; exit 2; }
