@@ -12,7 +12,8 @@ the accuracy after the first epoch (the paper's headline metric).
 Data: image folders (``<dir>/<class name>/<image>``), or a Hub dataset with an image and a label column. Every choice
 during training (evaluation, the first-epoch metric, anything tuned on it) reads the validation split, which is held
 out from train (seeded by ``--data_seed``) unless given; the test split (``--test_dir`` or a Hub ``test`` split) is
-read once, at the end, for the reported number. Every
+read once, at the end, for the reported number. Training accuracy is counted over each epoch's batches as trained
+(``train_accuracy``); ``--stop_at_train_accuracy`` ends training at the first epoch that fits the training set. Every
 image is decoded once and cached as uint8 (``--image_cache_dir``); augmentation (random crop with 4-pixel padding,
 horizontal flip) runs on batched tensors, seeded by (seed, epoch, batch), so a resumed run sees the same pixels.
 """
@@ -86,6 +87,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="decoded uint8 images are cached here, keyed by the file list ('' disables)")
     g.add_argument("--no_augmentation", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--stop_at_train_accuracy", type=float, default=None,
+                   help="stop after the first epoch whose training accuracy (over that epoch's batches, as trained) "
+                        "reaches this value, e.g. 0.995: train until the training set is fit")
     common.add_model_args(parser, MODEL_TYPES, "cnn")
     g = parser.add_argument_group("plain models (mlp, cnn)")
     g.add_argument("--depth", type=int, default=None, help="hidden layers (mlp) or conv layers (cnn); default 4 / 6")
@@ -124,6 +128,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             raise UsageError(f"--{flag} needs --train_dir")
     if not 0 < args.validation_split_percentage < 100:
         raise UsageError(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}")
+    if args.stop_at_train_accuracy is not None and not 0 < args.stop_at_train_accuracy <= 1:
+        raise UsageError(f"--stop_at_train_accuracy must be in (0, 1], got {args.stop_at_train_accuracy}")
     if args.image_size < 8:
         raise UsageError(f"--image_size must be >= 8, got {args.image_size}")
     common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0})
@@ -337,6 +343,28 @@ class Batcher:
         return {"pixel_values": pixels, "labels": self.data.labels[index], "index": index}
 
 
+class EpochAccuracy:
+    """Top-1 accuracy over the training batches of one epoch, as trained (train mode, augmented when augmentation is
+    on): ``correct / seen`` summed over processes. Counts stay on the device (no sync per batch)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = torch.zeros(2, dtype=torch.long, device=self.device)   # correct, seen
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.counts[0] += (logits.detach().argmax(-1) == labels).sum()
+        self.counts[1] += labels.numel()
+
+    def value(self, accelerator) -> Optional[float]:
+        """The epoch's accuracy so far over every process (None before any batch)."""
+        correct, seen = (accelerator.reduce(self.counts, reduction="sum") if accelerator.num_processes > 1
+                         else self.counts).tolist()
+        return correct / seen if seen else None
+
+
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Per-image random crop (after zero padding) and horizontal flip of a uint8 batch (N, C, H, W), vectorised."""
     n, _, h, w = images.shape
@@ -484,10 +512,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     timer = common.Timer()
+    train_fit = EpochAccuracy(accelerator.device)       # training accuracy of the current epoch (resumes count anew)
 
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
         first_epoch = epoch_end and state.epoch == 1          # the paper's metric: always measured
-        if common.is_due(args.eval_steps, state, epoch_end) or first_epoch:
+        if epoch_end:
+            train_accuracy = train_fit.value(accelerator)
+            train_fit.reset()
+            if train_accuracy is not None:
+                state.recorded["train_accuracy"] = train_accuracy
+                log.log({"step": state.completed_steps, "epoch": state.epoch, "train_accuracy": train_accuracy})
+                if args.stop_at_train_accuracy is not None and train_accuracy >= args.stop_at_train_accuracy:
+                    state.recorded.setdefault("fit_epoch", state.epoch)   # saved with the checkpoint: a resume stops
+                    logger.info("epoch %d: training accuracy %.4f >= %g: the training set is fit; stopping",
+                                state.epoch, train_accuracy, args.stop_at_train_accuracy)
+        if common.is_due(args.eval_steps, state, epoch_end) or first_epoch or \
+                (epoch_end and "fit_epoch" in state.recorded):
             result = evaluate(accelerator, model, val_dl, args)
             if args.measure_emergence:
                 result.update(common.emergence_report(accelerator, model, probe["pixel_values"]))
@@ -501,14 +541,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             checkpoints.save(state)
 
     model.train()
-    while state.completed_steps < max_steps and state.epoch < num_epochs:
+    while state.completed_steps < max_steps and state.epoch < num_epochs and "fit_epoch" not in state.recorded:
         train_sampler.use_epoch(state.epoch)
         train_batcher.epoch = state.epoch
         batches = accelerator.skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
         for batch in batches:
             timer.data_ready()
             with accelerator.accumulate(model):
-                loss = F.cross_entropy(logits_of(model(batch["pixel_values"])).float(), batch["labels"])
+                logits = logits_of(model(batch["pixel_values"])).float()
+                loss = F.cross_entropy(logits, batch["labels"])
+                train_fit.add(logits, batch["labels"])
                 grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints)
             timer.step_done(len(batch["labels"]))
             if not common.count_micro_batch(state, accelerator, len(batch["labels"])):
@@ -532,6 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         final = {**final, **evaluate(accelerator, model, test_dl, args, "test")}
     results = {"step": state.completed_steps, "epochs": state.epoch, **final,
                "epoch1_accuracy": state.recorded.get("epoch1_accuracy"),
+               "train_accuracy": state.recorded.get("train_accuracy"), "fit_epoch": state.recorded.get("fit_epoch"),
                "skipped_images": sum(data.skipped for data in (train, val, test) if data is not None)}
     log.log({**results, "final": True})
     if accelerator.is_main_process:
