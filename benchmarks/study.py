@@ -48,6 +48,12 @@ share one study folder (e.g. side by side on one GPU, with or without disjoint `
 lock file holding the worker's pid (``OUT/RUN/.study_lock``), runs claimed by a live worker are skipped, and locks of
 dead workers are taken over. ``--max_runs`` counts the runs this worker executes.
 
+**Deadlines** (device-sized chunks, ``benchmarks/gpu_study.sh``). With ``--stop_at T`` (Unix seconds) a worker
+starts a run only if it is expected to end by T: its expected wall time is the longest one recorded among finished
+runs of the same cell but for the seed axis, else ``--expected_run_s``; a run that is started gets at most the time
+left before T (it is then recorded as ``timeout`` and retried next time). Runs whose result folder came from an
+earlier chunk (only ``study_result.json`` carried back) count as finished.
+
 **Report.** Runs are grouped by every axis except the seed axis; each group gives n (finished runs with the
 metric; diverged and failed runs are counted separately) and the mean ± sample std (ddof=1) of each metric over
 seeds. First-epoch metrics are ``all_results["epoch1_<m>"]`` when the script records them (vision:
@@ -84,8 +90,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from hf_emergence.atomic import atomic_write  # noqa: E402
+
+
+def _load_atomic_write():
+    """The library's one atomic-write helper, loaded from its file: importing the ``hf_emergence`` package would
+    import torch, and the runner (several workers per device command) should start in well under a second."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_hf_emergence_atomic", ROOT / "hf_emergence" / "atomic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.atomic_write
+
+
+atomic_write = _load_atomic_write()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import paired_difference  # noqa: E402
@@ -417,6 +435,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise GridError(f"{args.grid}: --only {args.only!r} matches none of the {len(grid.cells())} runs")
     pending = [c for c in cells if not is_finished(out / c.name)]
     finished = len(cells) - len(pending)
+    seed_axis = grid.report.get("seed_axis", "seed" if "seed" in grid.axes else None)
     if args.max_runs is not None and args.dry_run:
         pending = pending[: args.max_runs]
     if args.dry_run:
@@ -442,6 +461,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         for i, c in enumerate(pending, 1):
             if args.max_runs is not None and sum(counts.values()) >= args.max_runs:
                 break
+            timeout = args.timeout
+            if args.stop_at is not None:
+                left = args.stop_at - time.time()
+                need = expected_wall_time(out, c, seed_axis, args.expected_run_s)
+                if left < need:
+                    print(f"[{i}/{len(pending)}] {c.name}: {left:.0f} s left before --stop_at, expected {need:.0f} s; "
+                          "not started", flush=True)
+                    continue
+                timeout = left if timeout is None else min(timeout, left)
             if not acquire(out / c.name):
                 print(f"[{i}/{len(pending)}] {c.name}: running in another worker; skipped", flush=True)
                 continue
@@ -449,7 +477,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if is_finished(out / c.name):  # finished by another worker meanwhile
                     continue
                 print(f"[{i}/{len(pending)}] {c.name} ...", flush=True)
-                res = execute(grid, c, out, launcher, args.timeout)
+                res = execute(grid, c, out, launcher, timeout)
             finally:
                 release(out / c.name)
             counts[res["status"]] = counts.get(res["status"], 0) + 1
@@ -465,6 +493,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{grid.name}: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to run")
           + f"; results in {out}")
     return 0 if not counts.get("failed") and not counts.get("timeout") else 1
+
+
+def expected_wall_time(out: Path, cell: Cell, seed_axis: Optional[str], default: float) -> float:
+    """The longest wall time of a finished run of the same cell but for the seed (carried results included),
+    else ``default``: a deadline-bound worker starts a run only when this much time is left."""
+    same = {a: v for a, v in cell.values.items() if a != seed_axis}
+    times = [r.get("wall_time_s") or 0.0 for r in load_results(out)
+             if r.get("status") == "ok" and {a: r["cell"].get(a) for a in same} == same]
+    return max(times) if times else default
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -958,6 +995,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     r.add_argument("--max_runs", type=int, default=None, help="run at most N cells this time")
     r.add_argument("--timeout", type=float, default=None, help="seconds per run (the run is recorded as timeout)")
     r.add_argument("--dry_run", action="store_true", help="print the exact commands that would run, run nothing")
+    r.add_argument("--stop_at", type=float, default=None,
+                   help="Unix time: start no run expected to end later, and cut a started run off there")
+    r.add_argument("--expected_run_s", type=float, default=0.0,
+                   help="with --stop_at: expected seconds per run until a run of the same cell has finished")
     r.add_argument("--data_root", default=None, help="substituted for {data_root} in the grid")
     r.add_argument("--set", action="append", metavar="NAME=VALUE", help="other {NAME} substitutions")
     ls = sub.add_parser("list", help="the grid's cells and, with --out, their status")
@@ -973,6 +1014,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.argv = None if argv is None else shlex.join(["python", "benchmarks/study.py", *argv])
     if getattr(args, "max_runs", None) is not None and args.max_runs < 0:
         p.error("--max_runs must be >= 0")
+    if getattr(args, "expected_run_s", 0.0) < 0:
+        p.error(f"--expected_run_s must be >= 0, got {args.expected_run_s}")
     return args
 
 
