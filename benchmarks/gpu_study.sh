@@ -3,7 +3,7 @@
 # finished run's study_result.json (metrics curve and all_results inside) packed into one file under $OUT, so the
 # next device command resumes by carrying the unpacked results back (benchmarks/README.md, "GPU study in chunks").
 #
-#   bash benchmarks/gpu_study.sh GRID [WORKERS] [BUDGET_S] [ONLY_REGEX]      # defaults: 6 workers, 420 s, every cell
+#   bash benchmarks/gpu_study.sh GRID [WORKERS] [BUDGET_S] [ONLY_REGEX]      # defaults: 6 workers, 390 s, every cell
 #
 # Environment (all optional):
 #   RESULTS=runs/gpu        study folders, one per grid (RESULTS/<grid name>); carry this path to resume
@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 GRID=${1:?usage: gpu_study.sh GRID [WORKERS] [BUDGET_S] [ONLY_REGEX]}
 WORKERS=${2:-6}
-BUDGET_S=${3:-420}
+BUDGET_S=${3:-390}
 ONLY=${4:-}
 PYTHON=${PYTHON:-python3}
 RESULTS=${RESULTS:-runs/gpu}

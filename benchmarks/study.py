@@ -50,8 +50,8 @@ dead workers are taken over. ``--max_runs`` counts the runs this worker executes
 
 **Deadlines** (device-sized chunks, ``benchmarks/gpu_study.sh``). With ``--stop_at T`` (Unix seconds) a worker
 starts a run only if it is expected to end by T: its expected wall time is the longest one recorded among finished
-runs of the same cell but for the seed axis, else ``--expected_run_s``; a run that is started gets at most the time
-left before T (it is then recorded as ``timeout`` and retried next time). Runs whose result folder came from an
+runs of the same cell but for the seed axis (or of one cut off: a lower bound), else ``--expected_run_s``; a run
+that is started gets at most the time left before T (it is then recorded as ``timeout`` and retried next time). Runs whose result folder came from an
 earlier chunk (only ``study_result.json`` carried back) count as finished.
 
 **Report.** Runs are grouped by every axis except the seed axis; each group gives n (finished runs with the
@@ -496,11 +496,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def expected_wall_time(out: Path, cell: Cell, seed_axis: Optional[str], default: float) -> float:
-    """The longest wall time of a finished run of the same cell but for the seed (carried results included),
-    else ``default``: a deadline-bound worker starts a run only when this much time is left."""
+    """The longest wall time of a finished run of the same cell but for the seed (carried results included; a run
+    cut off by a deadline counts as a lower bound), else ``default``: a deadline-bound worker starts a run only when
+    this much time is left, so a cell longer than a whole chunk is not started again and again."""
     same = {a: v for a, v in cell.values.items() if a != seed_axis}
     times = [r.get("wall_time_s") or 0.0 for r in load_results(out)
-             if r.get("status") == "ok" and {a: r["cell"].get(a) for a in same} == same]
+             if r.get("status") in ("ok", "timeout") and {a: r["cell"].get(a) for a in same} == same]
     return max(times) if times else default
 
 
