@@ -11,7 +11,7 @@
 #                           unpacked there when DATA_ROOT/cifar10 is missing
 #   WHEELS=.whl             pip wheels (+ requirements.txt) for packages the device image lacks (evaluate, datasets, ...)
 #   EXPECTED_RUN_S=300      seconds a run is assumed to take until one run of its cell has finished (then: measured)
-#   CACHE_WAIT=2            decoded-image cache files the first worker must write before the others start (0: none)
+#   CACHE_WAIT=2            for grids with an image cache: files the first worker writes before the others start
 #   PYTHON=python3, OUT=/tmp/gpu_study_out, DRY_RUN=1 (print the plan and the commands only)
 # Writes $OUT/<grid name>_results.tar.gz (RESULTS-relative paths), $OUT/<grid name>_status.txt (every cell's state)
 # and $OUT/<grid name>_log.txt (the workers' output). A run cut off at the deadline writes no result: it is redone.
@@ -63,7 +63,7 @@ pids=()
 for n in $(seq 1 "$WORKERS"); do     # each stops by itself at the deadline; timeout is the backstop
   timeout --signal=TERM --kill-after=30 $(( BUDGET_S + 60 )) "$PYTHON" "${common[@]}" > "$OUT/.worker-$n.log" 2>&1 &
   pids+=($!)
-  if [ "$n" = 1 ] && [ "$CACHE_WAIT" -gt 0 ]; then       # one decode of the images, then the others read the cache
+  if [ "$n" = 1 ] && [ "$CACHE_WAIT" -gt 0 ] && grep -q HF_EMERGENCE_IMAGE_CACHE "$GRID"; then   # decode once, share
     for _ in $(seq 1 300); do
       [ "$(ls "$DATA_ROOT"/image_cache/*.pt 2>/dev/null | wc -l)" -ge "$CACHE_WAIT" ] && break
       kill -0 "${pids[0]}" 2>/dev/null || break
