@@ -629,7 +629,9 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
             pick = (max if sel.get("mode", "max") == "max" else min)(cands, key=lambda g: g["stats"][sel["by"]]["mean"])
             selected.append({**pick, "cell": {**pick["cell"], arm_axis: f"{sel['name']} (= {pick['cell'][arm_axis]})"},
                              "selected_by": sel["by"]})
-    paired = paired_rows(rows + selected, arm_axis, report.get("baseline"), group_axes)
+    # a selected row that picked the baseline itself pairs with itself (a difference of exactly 0): not listed
+    chosen = [g for g in selected if not g["cell"][arm_axis].endswith(f"(= {report.get('baseline')})")]
+    paired = paired_rows(rows + chosen, arm_axis, report.get("baseline"), group_axes)
     return {"group_axes": group_axes, "seed_axis": seed_axis, "arm_axis": arm_axis, "metrics": metrics,
             "first_epoch_metrics": first_names, "rows": rows, "selected": selected, "paired": paired,
             "milestones": report.get("milestones")}

@@ -387,3 +387,19 @@ def test_gpu_study_chunks_resume_from_the_carried_results(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_study.sh"), str(grid), "two"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: WORKERS must be a whole number, got 'two'"
+
+
+def test_a_select_row_that_picks_the_baseline_is_not_paired_with_itself():
+    def run(arm, seed, v):
+        return {"name": f"arm-{arm}__seed-{seed}", "axes": ["arm", "seed"], "cell": {"arm": arm, "seed": str(seed)},
+                "status": "ok", "all_results": {"val": v}, "curve": []}
+
+    spec = {"metrics": ["val"], "baseline": "base", "select": [{"name": "tuned", "arms": "base*", "by": "val"}]}
+    results = [run("base", s, 10.0 + s) for s in (1, 2, 3)] + [run("base_warmup", s, 9.0 + s) for s in (1, 2, 3)]
+    agg = study.aggregate(results, spec)
+    assert [s["cell"]["arm"] for s in agg["selected"]] == ["tuned (= base)"]
+    assert [r["cell"]["arm"] for r in agg["paired"]] == ["base_warmup"]
+    results = [run("base", s, 10.0 + s) for s in (1, 2, 3)] + [run("base_warmup", s, 11.0 + s) for s in (1, 2, 3)]
+    agg = study.aggregate(results, spec)
+    assert [r["cell"]["arm"] for r in agg["paired"]] == ["base_warmup", "tuned (= base_warmup)"]
+    assert agg["paired"][1]["mean"] == pytest.approx(1.0)
