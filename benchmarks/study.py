@@ -807,6 +807,20 @@ def unfinished(grid: Optional["Grid"], results: list[dict[str, Any]], folder: Pa
     return out
 
 
+def unfinished_table(missing: list[tuple[str, str]], seed_axis: Optional[str]) -> str:
+    """Markdown: the unfinished runs, one row per cell but for the seed and per state, listing the seeds."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    prefix = f"{seed_axis}-" if seed_axis else None
+    for name, state in missing:
+        parts = name.split("__")
+        seed = next((p[len(prefix):] for p in parts if prefix and p.startswith(prefix)), None)
+        cell = "__".join(p for p in parts if not (prefix and p.startswith(prefix))) or name
+        rows.setdefault((cell, state), []).append(seed if seed is not None else "")
+    lines = [f"| runs | state | {seed_axis or 'seed'} |", "|---|---|---|"]
+    lines += [f"| `{cell}` | {state} | {', '.join(seeds)} |" for (cell, state), seeds in rows.items()]
+    return "\n".join(lines)
+
+
 def _alpha_of(args: Sequence[str]) -> Optional[float]:
     if "--init" in args and args[args.index("--init") + 1] in ("xavier", "kaiming"):
         return 1.0
@@ -964,8 +978,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         lines += ["## Steps to reach", "", milestones, ""]
     missing = unfinished(grid, results, folder)
     if missing:
-        lines += [f"## Not finished ({len(missing)} runs, not averaged)", "",
-                  ", ".join(f"`{n}` ({s})" for n, s in missing), ""]
+        lines += [f"## Not finished ({len(missing)} runs, not averaged)", "", unfinished_table(missing, agg["seed_axis"]), ""]
     for f in figures:
         lines += [f"![{f}]({f})", ""]
     lines += ["## Commands", "", "Study (as invoked):", "", "```"] + (invocations or ["(not recorded)"]) + ["```", "",

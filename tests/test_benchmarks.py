@@ -314,7 +314,7 @@ def test_report_lists_unfinished_runs_and_milestones(tmp_path):
     assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
     text = (report / "README.md").read_text()
     assert "## Not finished (2 runs, not averaged)" in text
-    assert "`arm-base__seed-3` (not run)" in text and "`arm-better__seed-3` (not run)" in text
+    assert "| `arm-base` | not run | 3 |" in text and "| `arm-better` | not run | 3 |" in text
     # base: score = 10 + 0.37 * (seed % 7) reaches 5 at step 20 (score * 20/30 >= 5) and 15 never; better reaches 15 at 30
     assert "| base | 20 ± 0 (2/2 reached) | – (0/2 reached) |" in text
     assert "| better | 10 ± 0 (2/2 reached) | 30 ± 0 (2/2 reached) |" in text
