@@ -50,7 +50,8 @@ dead workers are taken over. ``--max_runs`` counts the runs this worker executes
 
 **Deadlines** (device-sized chunks, ``benchmarks/gpu_study.sh``). With ``--stop_at T`` (Unix seconds) a worker
 starts a run only if it is expected to end by T: its expected wall time is the longest one recorded among finished
-runs of the same cell but for the seed axis (or of one cut off: a lower bound), else ``--expected_run_s``; a run
+runs of the same cell but for the seed axis (or of one cut off: a lower bound), else among those of the same cell
+but for the seed and arm axes, else ``--expected_run_s``; a run
 that is started gets at most the time left before T (it is then recorded as ``timeout`` and retried next time). Runs whose result folder came from an
 earlier chunk (only ``study_result.json`` carried back) count as finished.
 
@@ -436,6 +437,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pending = [c for c in cells if not is_finished(out / c.name)]
     finished = len(cells) - len(pending)
     seed_axis = grid.report.get("seed_axis", "seed" if "seed" in grid.axes else None)
+    arm_axis = grid.report.get("arm_axis", "arm" if "arm" in grid.axes else None)
     if args.max_runs is not None and args.dry_run:
         pending = pending[: args.max_runs]
     if args.dry_run:
@@ -464,7 +466,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             timeout = args.timeout
             if args.stop_at is not None:
                 left = args.stop_at - time.time()
-                need = expected_wall_time(out, c, seed_axis, args.expected_run_s)
+                need = expected_wall_time(out, c, [seed_axis, arm_axis], args.expected_run_s)
                 if left < need:
                     print(f"[{i}/{len(pending)}] {c.name}: {left:.0f} s left before --stop_at, expected {need:.0f} s; "
                           "not started", flush=True)
@@ -495,14 +497,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if not counts.get("failed") and not counts.get("timeout") else 1
 
 
-def expected_wall_time(out: Path, cell: Cell, seed_axis: Optional[str], default: float) -> float:
+def expected_wall_time(out: Path, cell: Cell, ignore: Sequence[Optional[str]], default: float) -> float:
     """The longest wall time of a finished run of the same cell but for the seed (carried results included; a run
-    cut off by a deadline counts as a lower bound), else ``default``: a deadline-bound worker starts a run only when
-    this much time is left, so a cell longer than a whole chunk is not started again and again."""
-    same = {a: v for a, v in cell.values.items() if a != seed_axis}
-    times = [r.get("wall_time_s") or 0.0 for r in load_results(out)
-             if r.get("status") in ("ok", "timeout") and {a: r["cell"].get(a) for a in same} == same]
-    return max(times) if times else default
+    cut off by a deadline counts as a lower bound), else of the same cell but for the seed and the arm, else
+    ``default``: a deadline-bound worker starts a run only when this much time is left, so a cell longer than a
+    whole chunk is not started again and again."""
+    results = [r for r in load_results(out) if r.get("status") in ("ok", "timeout")]
+    for k in range(1, len(ignore) + 1):
+        skip = set(ignore[:k])
+        same = {a: v for a, v in cell.values.items() if a not in skip}
+        times = [r.get("wall_time_s") or 0.0 for r in results if {a: r["cell"].get(a) for a in same} == same]
+        if times:
+            return max(times)
+    return default
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -336,14 +336,16 @@ def test_stop_at_starts_only_runs_expected_to_finish_and_cuts_off_the_one_in_fli
     assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-base", "--stop_at", soon,
                        "--expected_run_s", "600"]) == 0
     assert sorted(p.parent.name for p in out.glob("*/study_result.json")) == [f"arm-base__seed-{s}" for s in (1, 2, 3)]
+    # another arm: the same cell but for seed and arm has a measured time, so it runs too
     assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-better__seed-1$", "--stop_at", soon,
-                       "--expected_run_s", "600"]) == 0 and len(invocations(out)) == 3       # no measured time: skipped
+                       "--expected_run_s", "600"]) == 0 and len(invocations(out)) == 4
+    assert study.expected_wall_time(out, study.Cell("x", {"arm": "new", "seed": "9"}, []), ["seed"], 123.0) == 123.0
     grid = write_grid(tmp_path, common_args=["--sleep", "30"])
     t0 = time.monotonic()
-    assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-better__seed-1$",
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-better__seed-2$",
                        "--stop_at", str(time.time() + 2)]) == 1
-    res = json.loads((out / "arm-better__seed-1" / study.RESULT).read_text())
-    assert res["status"] == "timeout" and time.monotonic() - t0 < 20 and not study.is_finished(out / "arm-better__seed-1")
+    res = json.loads((out / "arm-better__seed-2" / study.RESULT).read_text())
+    assert res["status"] == "timeout" and time.monotonic() - t0 < 20 and not study.is_finished(out / "arm-better__seed-2")
 
 
 def test_gpu_study_chunks_resume_from_the_carried_results(tmp_path):
