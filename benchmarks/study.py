@@ -48,6 +48,13 @@ share one study folder (e.g. side by side on one GPU, with or without disjoint `
 lock file holding the worker's pid (``OUT/RUN/.study_lock``), runs claimed by a live worker are skipped, and locks of
 dead workers are taken over. ``--max_runs`` counts the runs this worker executes.
 
+**Deadlines** (device-sized chunks, ``benchmarks/gpu_study.sh``). With ``--stop_at T`` (Unix seconds) a worker
+starts a run only if it is expected to end by T: its expected wall time is the longest one recorded among finished
+runs of the same cell but for the seed axis (or of one cut off: a lower bound), else among those of the same cell
+but for the seed and arm axes, else ``--expected_run_s``; a run
+that is started gets at most the time left before T (it is then recorded as ``timeout`` and retried next time). Runs whose result folder came from an
+earlier chunk (only ``study_result.json`` carried back) count as finished.
+
 **Report.** Runs are grouped by every axis except the seed axis; each group gives n (finished runs with the
 metric; diverged and failed runs are counted separately) and the mean ± sample std (ddof=1) of each metric over
 seeds. First-epoch metrics are ``all_results["epoch1_<m>"]`` when the script records them (vision:
@@ -84,8 +91,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from hf_emergence.atomic import atomic_write  # noqa: E402
+
+
+def _load_atomic_write():
+    """The library's one atomic-write helper, loaded from its file: importing the ``hf_emergence`` package would
+    import torch, and the runner (several workers per device command) should start in well under a second."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_hf_emergence_atomic", ROOT / "hf_emergence" / "atomic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.atomic_write
+
+
+atomic_write = _load_atomic_write()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import paired_difference  # noqa: E402
@@ -417,6 +436,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise GridError(f"{args.grid}: --only {args.only!r} matches none of the {len(grid.cells())} runs")
     pending = [c for c in cells if not is_finished(out / c.name)]
     finished = len(cells) - len(pending)
+    seed_axis = grid.report.get("seed_axis", "seed" if "seed" in grid.axes else None)
+    arm_axis = grid.report.get("arm_axis", "arm" if "arm" in grid.axes else None)
     if args.max_runs is not None and args.dry_run:
         pending = pending[: args.max_runs]
     if args.dry_run:
@@ -442,6 +463,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         for i, c in enumerate(pending, 1):
             if args.max_runs is not None and sum(counts.values()) >= args.max_runs:
                 break
+            timeout = args.timeout
+            if args.stop_at is not None:
+                left = args.stop_at - time.time()
+                need = expected_wall_time(out, c, [seed_axis, arm_axis], args.expected_run_s)
+                if left < need:
+                    print(f"[{i}/{len(pending)}] {c.name}: {left:.0f} s left before --stop_at, expected {need:.0f} s; "
+                          "not started", flush=True)
+                    continue
+                timeout = left if timeout is None else min(timeout, left)
             if not acquire(out / c.name):
                 print(f"[{i}/{len(pending)}] {c.name}: running in another worker; skipped", flush=True)
                 continue
@@ -449,7 +479,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if is_finished(out / c.name):  # finished by another worker meanwhile
                     continue
                 print(f"[{i}/{len(pending)}] {c.name} ...", flush=True)
-                res = execute(grid, c, out, launcher, args.timeout)
+                res = execute(grid, c, out, launcher, timeout)
             finally:
                 release(out / c.name)
             counts[res["status"]] = counts.get(res["status"], 0) + 1
@@ -465,6 +495,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{grid.name}: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to run")
           + f"; results in {out}")
     return 0 if not counts.get("failed") and not counts.get("timeout") else 1
+
+
+def expected_wall_time(out: Path, cell: Cell, ignore: Sequence[Optional[str]], default: float) -> float:
+    """The longest wall time of a finished run of the same cell but for the seed (carried results included; a run
+    cut off by a deadline counts as a lower bound), else of the same cell but for the seed and the arm, else
+    ``default``: a deadline-bound worker starts a run only when this much time is left, so a cell longer than a
+    whole chunk is not started again and again."""
+    results = [r for r in load_results(out) if r.get("status") in ("ok", "timeout")]
+    for k in range(1, len(ignore) + 1):
+        skip = set(ignore[:k])
+        same = {a: v for a, v in cell.values.items() if a not in skip}
+        times = [r.get("wall_time_s") or 0.0 for r in results if {a: r["cell"].get(a) for a in same} == same]
+        if times:
+            return max(times)
+    return default
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -591,7 +636,9 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
             pick = (max if sel.get("mode", "max") == "max" else min)(cands, key=lambda g: g["stats"][sel["by"]]["mean"])
             selected.append({**pick, "cell": {**pick["cell"], arm_axis: f"{sel['name']} (= {pick['cell'][arm_axis]})"},
                              "selected_by": sel["by"]})
-    paired = paired_rows(rows + selected, arm_axis, report.get("baseline"), group_axes)
+    # a selected row that picked the baseline itself pairs with itself (a difference of exactly 0): not listed
+    chosen = [g for g in selected if not g["cell"][arm_axis].endswith(f"(= {report.get('baseline')})")]
+    paired = paired_rows(rows + chosen, arm_axis, report.get("baseline"), group_axes)
     return {"group_axes": group_axes, "seed_axis": seed_axis, "arm_axis": arm_axis, "metrics": metrics,
             "first_epoch_metrics": first_names, "rows": rows, "selected": selected, "paired": paired,
             "milestones": report.get("milestones")}
@@ -767,6 +814,20 @@ def unfinished(grid: Optional["Grid"], results: list[dict[str, Any]], folder: Pa
     return out
 
 
+def unfinished_table(missing: list[tuple[str, str]], seed_axis: Optional[str]) -> str:
+    """Markdown: the unfinished runs, one row per cell but for the seed and per state, listing the seeds."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    prefix = f"{seed_axis}-" if seed_axis else None
+    for name, state in missing:
+        parts = name.split("__")
+        seed = next((p[len(prefix):] for p in parts if prefix and p.startswith(prefix)), None)
+        cell = "__".join(p for p in parts if not (prefix and p.startswith(prefix))) or name
+        rows.setdefault((cell, state), []).append(seed if seed is not None else "")
+    lines = [f"| runs | state | {seed_axis or 'seed'} |", "|---|---|---|"]
+    lines += [f"| `{cell}` | {state} | {', '.join(seeds)} |" for (cell, state), seeds in rows.items()]
+    return "\n".join(lines)
+
+
 def _alpha_of(args: Sequence[str]) -> Optional[float]:
     if "--init" in args and args[args.index("--init") + 1] in ("xavier", "kaiming"):
         return 1.0
@@ -924,8 +985,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         lines += ["## Steps to reach", "", milestones, ""]
     missing = unfinished(grid, results, folder)
     if missing:
-        lines += [f"## Not finished ({len(missing)} runs, not averaged)", "",
-                  ", ".join(f"`{n}` ({s})" for n, s in missing), ""]
+        lines += [f"## Not finished ({len(missing)} runs, not averaged)", "", unfinished_table(missing, agg["seed_axis"]), ""]
     for f in figures:
         lines += [f"![{f}]({f})", ""]
     lines += ["## Commands", "", "Study (as invoked):", "", "```"] + (invocations or ["(not recorded)"]) + ["```", "",
@@ -958,6 +1018,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     r.add_argument("--max_runs", type=int, default=None, help="run at most N cells this time")
     r.add_argument("--timeout", type=float, default=None, help="seconds per run (the run is recorded as timeout)")
     r.add_argument("--dry_run", action="store_true", help="print the exact commands that would run, run nothing")
+    r.add_argument("--stop_at", type=float, default=None,
+                   help="Unix time: start no run expected to end later, and cut a started run off there")
+    r.add_argument("--expected_run_s", type=float, default=0.0,
+                   help="with --stop_at: expected seconds per run until a run of the same cell has finished")
     r.add_argument("--data_root", default=None, help="substituted for {data_root} in the grid")
     r.add_argument("--set", action="append", metavar="NAME=VALUE", help="other {NAME} substitutions")
     ls = sub.add_parser("list", help="the grid's cells and, with --out, their status")
@@ -973,6 +1037,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.argv = None if argv is None else shlex.join(["python", "benchmarks/study.py", *argv])
     if getattr(args, "max_runs", None) is not None and args.max_runs < 0:
         p.error("--max_runs must be >= 0")
+    if getattr(args, "expected_run_s", 0.0) < 0:
+        p.error(f"--expected_run_s must be >= 0, got {args.expected_run_s}")
     return args
 
 

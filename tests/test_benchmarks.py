@@ -25,7 +25,9 @@ p.add_argument("--output_dir"); p.add_argument("--seed", type=int); p.add_argume
 p.add_argument("--exit_code", type=int, default=0); p.add_argument("--resume_from_checkpoint")
 p.add_argument("--data", default=None); p.add_argument("--no_results", action="store_true")
 p.add_argument("--init", default="default"); p.add_argument("--alpha", type=float, default=None)
+p.add_argument("--sleep", type=float, default=0.0)
 a = p.parse_args()
+import time; time.sleep(a.sleep)
 out = Path(a.output_dir); out.mkdir(parents=True, exist_ok=True)
 with open(out.parent / "invocations.txt", "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\n")
@@ -312,7 +314,7 @@ def test_report_lists_unfinished_runs_and_milestones(tmp_path):
     assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
     text = (report / "README.md").read_text()
     assert "## Not finished (2 runs, not averaged)" in text
-    assert "`arm-base__seed-3` (not run)" in text and "`arm-better__seed-3` (not run)" in text
+    assert "| `arm-base` | not run | 3 |" in text and "| `arm-better` | not run | 3 |" in text
     # base: score = 10 + 0.37 * (seed % 7) reaches 5 at step 20 (score * 20/30 >= 5) and 15 never; better reaches 15 at 30
     assert "| base | 20 ± 0 (2/2 reached) | – (0/2 reached) |" in text
     assert "| better | 10 ± 0 (2/2 reached) | 30 ± 0 (2/2 reached) |" in text
@@ -320,3 +322,86 @@ def test_report_lists_unfinished_runs_and_milestones(tmp_path):
     summary = json.loads((report / "summary.json").read_text())
     assert [u["name"] for u in summary["unfinished"]] == ["arm-base__seed-3", "arm-better__seed-3"]
     assert json.loads((out / "arm-base__seed-1" / study.RESULT).read_text())["code_version"]["commit"]
+
+
+def test_stop_at_starts_only_runs_expected_to_finish_and_cuts_off_the_one_in_flight(tmp_path):
+    import time
+
+    grid, out = write_grid(tmp_path), tmp_path / "study"
+    soon = str(time.time() + 60)
+    assert study.main(["run", str(grid), "--out", str(out), "--stop_at", soon, "--expected_run_s", "600"]) == 0
+    assert invocations(out) == []                                          # 600 s expected, 60 s left: none started
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-base__seed-1$"]) == 0
+    # a finished seed of the cell replaces the guess with its measured wall time (well under a second here)
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-base", "--stop_at", soon,
+                       "--expected_run_s", "600"]) == 0
+    assert sorted(p.parent.name for p in out.glob("*/study_result.json")) == [f"arm-base__seed-{s}" for s in (1, 2, 3)]
+    # another arm: the same cell but for seed and arm has a measured time, so it runs too
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-better__seed-1$", "--stop_at", soon,
+                       "--expected_run_s", "600"]) == 0 and len(invocations(out)) == 4
+    assert study.expected_wall_time(out, study.Cell("x", {"arm": "new", "seed": "9"}, []), ["seed"], 123.0) == 123.0
+    grid = write_grid(tmp_path, common_args=["--sleep", "30"])
+    t0 = time.monotonic()
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-better__seed-2$",
+                       "--stop_at", str(time.time() + 2)]) == 1
+    res = json.loads((out / "arm-better__seed-2" / study.RESULT).read_text())
+    assert res["status"] == "timeout" and time.monotonic() - t0 < 20 and not study.is_finished(out / "arm-better__seed-2")
+
+
+def test_gpu_study_chunks_resume_from_the_carried_results(tmp_path):
+    """Two device commands: the first packs its finished runs into one file; the second starts from that file
+    unpacked into a fresh folder (a fresh machine), reruns none of them and packs the whole grid."""
+    import subprocess
+    import tarfile
+
+    grid = write_grid(tmp_path)
+
+    def chunk(results: Path, out: Path, only: str = "") -> subprocess.CompletedProcess:
+        env = dict(os.environ, RESULTS=str(results), OUT=str(out), CACHE_WAIT="0", PYTHON=sys.executable,
+                   EXPECTED_RUN_S="0")
+        return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_study.sh"), str(grid), "2", "120", only],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    first = chunk(tmp_path / "m1", tmp_path / "out1", "seed-1$")
+    assert first.returncode == 0, first.stderr
+    assert "2 of 6 cells of fake finished" in first.stdout
+    packed = tmp_path / "out1" / "fake_results.tar.gz"
+    with tarfile.open(packed) as tar:
+        names = sorted(tar.getnames())
+    assert names == ["fake/arm-base__seed-1/study_result.json", "fake/arm-better__seed-1/study_result.json",
+                     "fake/study_invocations.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out1")) == ["fake_log.txt", "fake_results.tar.gz", "fake_status.txt"]
+    fresh = tmp_path / "m2"                                   # the next command: a bare machine plus the carried files
+    fresh.mkdir()
+    with tarfile.open(packed) as tar:
+        tar.extractall(fresh, filter="data")
+    second = chunk(fresh, tmp_path / "out2")
+    assert second.returncode == 0, second.stderr
+    assert "6 of 6 cells of fake finished" in second.stdout
+    ran = [a[a.index("--seed") + 1] for a in invocations(fresh / "fake")]
+    assert sorted(ran) == ["2", "2", "3", "3"]                # the carried seed-1 runs were not redone
+    with tarfile.open(tmp_path / "out2" / "fake_results.tar.gz") as tar:
+        assert len([n for n in tar.getnames() if n.endswith("study_result.json")]) == 6
+    dry = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_study.sh"), str(grid), "3", "60"], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, DRY_RUN="1", RESULTS=str(fresh), PYTHON=sys.executable,
+                                                          OUT=str(tmp_path / "out3")))
+    assert dry.returncode == 0 and "plan: 3 workers" in dry.stdout and "6 finished, 0 to run" in dry.stdout
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_study.sh"), str(grid), "two"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: WORKERS must be a whole number, got 'two'"
+
+
+def test_a_select_row_that_picks_the_baseline_is_not_paired_with_itself():
+    def run(arm, seed, v):
+        return {"name": f"arm-{arm}__seed-{seed}", "axes": ["arm", "seed"], "cell": {"arm": arm, "seed": str(seed)},
+                "status": "ok", "all_results": {"val": v}, "curve": []}
+
+    spec = {"metrics": ["val"], "baseline": "base", "select": [{"name": "tuned", "arms": "base*", "by": "val"}]}
+    results = [run("base", s, 10.0 + s) for s in (1, 2, 3)] + [run("base_warmup", s, 9.0 + s) for s in (1, 2, 3)]
+    agg = study.aggregate(results, spec)
+    assert [s["cell"]["arm"] for s in agg["selected"]] == ["tuned (= base)"]
+    assert [r["cell"]["arm"] for r in agg["paired"]] == ["base_warmup"]
+    results = [run("base", s, 10.0 + s) for s in (1, 2, 3)] + [run("base_warmup", s, 11.0 + s) for s in (1, 2, 3)]
+    agg = study.aggregate(results, spec)
+    assert [r["cell"]["arm"] for r in agg["paired"]] == ["base_warmup", "tuned (= base_warmup)"]
+    assert agg["paired"][1]["mean"] == pytest.approx(1.0)

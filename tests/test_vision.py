@@ -422,3 +422,40 @@ def test_a_bad_image_found_in_a_worker_is_one_line():
 ])
 def test_bad_data_flags_are_one_line(argv, message, tmp_path, capsys, cache_dir):
     assert message in _fails(capsys, _args(tmp_path / "o", cache_dir, "--max_train_steps", "1", *argv))
+
+
+def _train_records(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train_accuracy" in r and not r.get("final")]
+
+
+def test_train_accuracy_counts_each_epochs_batches_as_trained(tmp_path, cache_dir):
+    """With a learning rate too small to move a float32 weight, every epoch's training accuracy equals a recount of
+    the saved model on the training split (a bias-free, BatchNorm-free MLP predicts the same in train and eval mode)."""
+    out = tmp_path / "o"
+    results = run.main(_args(out, cache_dir, "--model_type", "mlp", "--depth", "2", "--width", "16", "--no-batch_norm",
+                             "--no_augmentation", "--learning_rate", "1e-30", "--num_train_epochs", "2"))
+    model = plain_models.load_plain(out).eval()
+    args = run.parse_args(["--max_train_samples", "64", "--max_eval_samples", "40", "--image_cache_dir", cache_dir,
+                           "--no_progress_bar"])
+    train = run.load_splits(args)["train"]
+    mean = torch.tensor(model.config.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.config.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hits = int((model((train.images.float() / 255 - mean) / std).argmax(-1) == train.labels).sum())
+    records = _train_records(out)
+    assert [r["epoch"] for r in records] == [1, 2] and len(train) == 64
+    assert all(r["train_accuracy"] == pytest.approx(hits / 64, abs=1e-12) for r in records)
+    assert results["train_accuracy"] == records[-1]["train_accuracy"] and results["fit_epoch"] is None
+
+
+def test_stop_at_train_accuracy_ends_at_the_first_fit_epoch(tmp_path, cache_dir, capsys):
+    out = tmp_path / "o"
+    results = run.main(_args(out, cache_dir, "--model_type", "mlp", "--depth", "2", "--width", "64", "--no_augmentation",
+                             "--num_train_epochs", "300", "--learning_rate", "0.1", "--stop_at_train_accuracy", "0.95"))
+    records = _train_records(out)
+    assert 1 < results["epochs"] < 300 and results["fit_epoch"] == results["epochs"] == records[-1]["epoch"]
+    assert records[-1]["train_accuracy"] >= 0.95 > max(r["train_accuracy"] for r in records[:-1])
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "validation_accuracy" in r and not r.get("final")]
+    assert evals[-1]["step"] == results["step"]        # the fit epoch is evaluated, and that is the final number
+    assert "(0, 1]" in _fails(capsys, _args(tmp_path / "o2", cache_dir, "--stop_at_train_accuracy", "1.5"))

@@ -19,7 +19,8 @@ read once, at the end, for the reported number. Data that fits (``--in_memory au
 uint8 tensor, cached (``--image_cache_dir``) and, on a GPU, kept and augmented on the device; larger data is decoded
 batch by batch in the DataLoader workers (``--dataloader_num_workers``). Augmentation (random crop with 4-pixel
 padding, horizontal flip) runs on batched tensors, seeded by (seed, epoch, batch), so a resumed run sees the same
-pixels on either path.
+pixels on either path. Training accuracy is counted over each epoch's batches as trained (``train_accuracy``);
+``--stop_at_train_accuracy`` ends training at the first epoch that fits the training set.
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--no_augmentation", action="store_true")
     g.add_argument("--preprocessing_num_workers", type=int, default=None,
                    help="processes decoding (in memory) or checking (streaming) the images before training")
+    g.add_argument("--stop_at_train_accuracy", type=float, default=None,
+                   help="stop after the first epoch whose training accuracy (over that epoch's batches, as trained) "
+                        "reaches this value, e.g. 0.995: train until the training set is fit")
     g.add_argument("--dataloader_num_workers", type=int, default=0,
                    help="processes serving batches (streaming: decoding them); in memory on a GPU: always 0")
     common.add_model_args(parser, MODEL_TYPES, "cnn")
@@ -148,6 +152,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             raise UsageError(f"--{flag} needs --train_dir")
     if not 0 < args.validation_split_percentage < 100:
         raise UsageError(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}")
+    if args.stop_at_train_accuracy is not None and not 0 < args.stop_at_train_accuracy <= 1:
+        raise UsageError(f"--stop_at_train_accuracy must be in (0, 1], got {args.stop_at_train_accuracy}")
     if args.image_size < 8:
         raise UsageError(f"--image_size must be >= 8, got {args.image_size}")
     common.check_ranges(args, {"dataloader_num_workers": common.AT_LEAST_0, "preprocessing_num_workers": common.AT_LEAST_0,
@@ -216,6 +222,28 @@ def image_processor(args: argparse.Namespace, mean: list[float], std: list[float
 
 def logits_of(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
+
+
+class EpochAccuracy:
+    """Top-1 accuracy over the training batches of one epoch, as trained (train mode, augmented when augmentation is
+    on): ``correct / seen`` summed over processes. Counts stay on the device (no sync per batch)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = torch.zeros(2, dtype=torch.long, device=self.device)   # correct, seen
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.counts[0] += (logits.detach().argmax(-1) == labels).sum()
+        self.counts[1] += labels.numel()
+
+    def value(self, accelerator) -> Optional[float]:
+        """The epoch's accuracy so far over every process (None before any batch)."""
+        correct, seen = (accelerator.reduce(self.counts, reduction="sum") if accelerator.num_processes > 1
+                         else self.counts).tolist()
+        return correct / seen if seen else None
 
 
 def resolve_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
@@ -311,10 +339,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     timer = common.Timer()
     checks = common.DeviceChecks()    # the non-finite guard, read only at logging steps, evaluations and checkpoints
+    train_fit = EpochAccuracy(accelerator.device)       # training accuracy of the current epoch (resumes count anew)
 
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
         first_epoch = epoch_end and state.epoch == 1          # the paper's metric: always measured
-        evaluating = common.is_due(args.eval_steps, state, epoch_end) or first_epoch
+        if epoch_end:
+            train_accuracy = train_fit.value(accelerator)
+            train_fit.reset()
+            if train_accuracy is not None:
+                state.recorded["train_accuracy"] = train_accuracy
+                log.log({"step": state.completed_steps, "epoch": state.epoch, "train_accuracy": train_accuracy})
+                if args.stop_at_train_accuracy is not None and train_accuracy >= args.stop_at_train_accuracy:
+                    state.recorded.setdefault("fit_epoch", state.epoch)   # saved with the checkpoint: a resume stops
+                    logger.info("epoch %d: training accuracy %.4f >= %g: the training set is fit; stopping",
+                                state.epoch, train_accuracy, args.stop_at_train_accuracy)
+        evaluating = (common.is_due(args.eval_steps, state, epoch_end) or first_epoch
+                      or (epoch_end and "fit_epoch" in state.recorded))
         if evaluating or common.is_due(args.checkpointing_steps, state, epoch_end):
             checks.check(state, checkpoints)
         if evaluating:
@@ -331,15 +371,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             checkpoints.save(state)
 
     model.train()
-    while state.completed_steps < max_steps and state.epoch < num_epochs:
+    while state.completed_steps < max_steps and state.epoch < num_epochs and "fit_epoch" not in state.recorded:
         train_sampler.use_epoch(state.epoch)
         train_batcher.epoch = state.epoch
         batches = accelerator.skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
         for batch in batches:
             timer.data_ready()
             with accelerator.accumulate(model):
-                loss = F.cross_entropy(logits_of(model(pixel_input(batch, channels_last))).float(), batch["labels"],
-                                       label_smoothing=args.label_smoothing)
+                logits = logits_of(model(pixel_input(batch, channels_last))).float()
+                loss = F.cross_entropy(logits, batch["labels"], label_smoothing=args.label_smoothing)
+                train_fit.add(logits, batch["labels"])
                 grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints,
                                                   checks)
             timer.step_done(len(batch["labels"]))
@@ -367,6 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         final = {**final, **evaluate(accelerator, model, test_dl, args, "test", channels_last=channels_last)}
     results = {"step": state.completed_steps, "epochs": state.epoch, **final,
                "epoch1_accuracy": state.recorded.get("epoch1_accuracy"),
+               "train_accuracy": state.recorded.get("train_accuracy"), "fit_epoch": state.recorded.get("fit_epoch"),
                "skipped_images": sum(data.skipped for data in (train, val, test) if data is not None)}
     if torch.cuda.is_available():
         results["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
