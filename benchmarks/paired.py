@@ -85,6 +85,7 @@ class PairedDifference:
     low: float
     high: float
     seeds: list[str]
+    lower_is_better: bool = False     # a loss: a negative difference is the better one
 
     @property
     def verdict(self) -> str:
@@ -92,18 +93,18 @@ class PairedDifference:
             return "too few pairs"
         if self.low <= 0.0 <= self.high:
             return "no detectable effect"
-        return "better" if self.low > 0 else "worse"
+        return "better" if (self.low > 0) != self.lower_is_better else "worse"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "verdict": self.verdict}
 
 
 def paired_difference(arm: Mapping[str, float], baseline: Mapping[str, float],
-                      confidence: float = 0.95) -> Optional[PairedDifference]:
+                      confidence: float = 0.95, lower_is_better: bool = False) -> Optional[PairedDifference]:
     """The paired difference over the seeds present in both mappings (seed -> metric); None if there are none.
 
-    ``verdict`` says "better"/"worse" only when the whole interval lies above/below 0 (in the metric's own direction:
-    for a loss, "better" means a higher loss, so read it with the metric).
+    ``verdict`` says "better"/"worse" only when the whole interval lies on one side of 0, in the metric's direction
+    (``lower_is_better`` for a loss: an interval below 0 is "better").
     """
     seeds = sorted(set(arm) & set(baseline), key=lambda s: (len(s), s))
     if not seeds:
@@ -111,7 +112,7 @@ def paired_difference(arm: Mapping[str, float], baseline: Mapping[str, float],
     d = [arm[s] - baseline[s] for s in seeds]
     n, mean = len(d), statistics.fmean(d)
     if n < 2:
-        return PairedDifference(n, mean, math.nan, math.nan, math.nan, seeds)
+        return PairedDifference(n, mean, math.nan, math.nan, math.nan, seeds, lower_is_better)
     std = statistics.stdev(d)
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
-    return PairedDifference(n, mean, std, mean - half, mean + half, seeds)
+    return PairedDifference(n, mean, std, mean - half, mean + half, seeds, lower_is_better)

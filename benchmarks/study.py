@@ -674,7 +674,7 @@ def paired_rows(rows: list[dict[str, Any]], arm_axis: Optional[str], baseline: O
             continue
         for kind, key in (("final", "by_seed"), ("epoch 1", "first_by_seed")):
             for m, values in g[key].items():
-                diff = paired_difference(values, ref[key].get(m, {}))
+                diff = paired_difference(values, ref[key].get(m, {}), lower_is_better="loss" in m)
                 if diff is not None:
                     out.append({"cell": g["cell"], "baseline": baseline, "metric": m, "kind": kind, **diff.to_dict()})
     return out

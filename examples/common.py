@@ -169,16 +169,22 @@ def stop_on_signals() -> Iterator[None]:
         _stop_request.update(signum=None, at=0.0)
 
 
-def stop_if_asked(accelerator: Accelerator, state: "TrainState", checkpoints: "Checkpoints") -> None:
+def stop_if_asked(accelerator: Accelerator, state: "TrainState", checkpoints: "Checkpoints",
+                  before_save: Optional[Callable[[], None]] = None) -> None:
     """After an optimizer step: if any process got SIGTERM / SIGINT, every process saves a checkpoint of this step
-    and stops (:class:`Stopped`). The request is max-reduced across processes, so all stop at the same step."""
+    and stops (:class:`Stopped`). The request is max-reduced across processes, so all stop at the same step.
+    ``before_save`` (called on every process) puts running totals into ``state`` first."""
     signum = _stop_request["signum"] or 0
     if accelerator.num_processes > 1:
         signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), reduction="max"))
     if not signum:
         return
     latest = checkpoints.latest()
-    path = latest if latest is not None and latest.name == checkpoints.name(state) else checkpoints.save(state)
+    if latest is None or latest.name != checkpoints.name(state):
+        if before_save is not None:
+            before_save()
+        latest = checkpoints.save(state)
+    path = latest
     raise Stopped(f"{signal.Signals(signum).name} at step {state.completed_steps} (epoch {state.epoch}); saved {path}. "
                   "Continue with --resume_from_checkpoint latest", signum)
 

@@ -405,3 +405,12 @@ def test_a_select_row_that_picks_the_baseline_is_not_paired_with_itself():
     agg = study.aggregate(results, spec)
     assert [r["cell"]["arm"] for r in agg["paired"]] == ["base_warmup", "tuned (= base_warmup)"]
     assert agg["paired"][1]["mean"] == pytest.approx(1.0)
+
+
+def test_paired_verdict_reads_a_loss_in_its_own_direction():
+    from paired import paired_difference
+
+    base = {"1": 1.0, "2": 1.1, "3": 0.9}
+    lower = {s: v - 0.1 for s, v in base.items()}
+    assert paired_difference(lower, base).verdict == "worse"                       # accuracy-like: lower is worse
+    assert paired_difference(lower, base, lower_is_better=True).verdict == "better"  # a loss: lower is better

@@ -239,11 +239,20 @@ class EpochAccuracy:
         self.counts[0] += (logits.detach().argmax(-1) == labels).sum()
         self.counts[1] += labels.numel()
 
+    def totals(self, accelerator) -> list[int]:
+        """[correct, seen] so far in this epoch, summed over every process (a collective: call it on all)."""
+        return (accelerator.reduce(self.counts.clone(), reduction="sum") if accelerator.num_processes > 1
+                else self.counts).tolist()
+
     def value(self, accelerator) -> Optional[float]:
         """The epoch's accuracy so far over every process (None before any batch)."""
-        correct, seen = (accelerator.reduce(self.counts, reduction="sum") if accelerator.num_processes > 1
-                         else self.counts).tolist()
+        correct, seen = self.totals(accelerator)
         return correct / seen if seen else None
+
+    def restore(self, totals: list[int], accelerator) -> None:
+        """Continue a resumed epoch: the saved totals count once, on the main process."""
+        if accelerator.is_main_process:
+            self.counts = torch.tensor(totals, dtype=torch.long, device=self.device)
 
 
 def resolve_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
@@ -339,7 +348,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     timer = common.Timer()
     checks = common.DeviceChecks()    # the non-finite guard, read only at logging steps, evaluations and checkpoints
-    train_fit = EpochAccuracy(accelerator.device)       # training accuracy of the current epoch (resumes count anew)
+    train_fit = EpochAccuracy(accelerator.device)       # training accuracy of the current epoch, saved with checkpoints
+    if "train_fit_counts" in state.recorded:
+        train_fit.restore(state.recorded["train_fit_counts"], accelerator)
+
+    def record_train_fit() -> None:     # before every checkpoint, so a resumed epoch counts on exactly
+        state.recorded["train_fit_counts"] = train_fit.totals(accelerator)
 
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
         first_epoch = epoch_end and state.epoch == 1          # the paper's metric: always measured
@@ -368,6 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             logger.info("step %d (epoch %d): validation accuracy %.4f, loss %.4f", state.completed_steps, state.epoch,
                         result["validation_accuracy"], result["validation_loss"])
         if common.is_due(args.checkpointing_steps, state, epoch_end):
+            record_train_fit()
             checkpoints.save(state)
 
     model.train()
@@ -392,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "images")
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
-            common.stop_if_asked(accelerator, state, checkpoints)
+            common.stop_if_asked(accelerator, state, checkpoints, before_save=record_train_fit)
             timer.restart()
             if state.completed_steps >= max_steps:
                 break
