@@ -169,22 +169,16 @@ def stop_on_signals() -> Iterator[None]:
         _stop_request.update(signum=None, at=0.0)
 
 
-def stop_if_asked(accelerator: Accelerator, state: "TrainState", checkpoints: "Checkpoints",
-                  before_save: Optional[Callable[[], None]] = None) -> None:
+def stop_if_asked(accelerator: Accelerator, state: "TrainState", checkpoints: "Checkpoints") -> None:
     """After an optimizer step: if any process got SIGTERM / SIGINT, every process saves a checkpoint of this step
-    and stops (:class:`Stopped`). The request is max-reduced across processes, so all stop at the same step.
-    ``before_save`` (called on every process) puts running totals into ``state`` first."""
+    and stops (:class:`Stopped`). The request is max-reduced across processes, so all stop at the same step."""
     signum = _stop_request["signum"] or 0
     if accelerator.num_processes > 1:
         signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), reduction="max"))
     if not signum:
         return
     latest = checkpoints.latest()
-    if latest is None or latest.name != checkpoints.name(state):
-        if before_save is not None:
-            before_save()
-        latest = checkpoints.save(state)
-    path = latest
+    path = latest if latest is not None and latest.name == checkpoints.name(state) else checkpoints.save(state)
     raise Stopped(f"{signal.Signals(signum).name} at step {state.completed_steps} (epoch {state.epoch}); saved {path}. "
                   "Continue with --resume_from_checkpoint latest", signum)
 
@@ -812,12 +806,16 @@ class Checkpoints:
     against its manifest before use: a missing, truncated or altered file makes it fall back to the previous
     complete checkpoint with a warning naming the file. A run asked to resume never starts from step 0 while a
     checkpoint or a finished run is there (unless ``overwrite``), and nothing of it is deleted.
+
+    ``before_save`` (set by a script, called on every process at the start of every ``save``) puts running totals
+    into the training state, so each save route (scheduled, or the clean stop on a signal) carries them.
     """
 
     def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, total_limit: int = 2,
                  overwrite: bool = False):
         self.accelerator, self.root, self.total_limit = accelerator, Path(output_dir) / "checkpoints", total_limit
         self.overwrite = overwrite
+        self.before_save: Optional[Callable[[], None]] = None
 
     @staticmethod
     def name(state: TrainState) -> str:
@@ -839,6 +837,8 @@ class Checkpoints:
         return path if (path / TRAIN_STATE).is_file() else None
 
     def save(self, state: TrainState) -> Path:
+        if self.before_save is not None:
+            self.before_save()
         acc = self.accelerator
         final = self.root / self.name(state)
         tmp = final.with_name(final.name + ".tmp")

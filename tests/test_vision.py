@@ -114,16 +114,23 @@ VIT_DROPOUT = ["--model_type", "vit", "--config_overrides",
                TINY["vit"][1] + ",hidden_dropout_prob=0.1,attention_probs_dropout_prob=0.1"]
 
 
-def test_exact_resume_with_augmentation_and_dropout_across_an_epoch_boundary(tmp_path, cache_dir):
-    flags = ["--max_train_steps", "10", "--checkpointing_steps", "3", *VIT_DROPOUT]
-    expected = run.main(_args(tmp_path / "a", cache_dir, *flags))
+def _run_then_resume_from_step_6(tmp_path: Path, cache: str, resume_cache: str, flags: list[str]) -> tuple[dict, dict]:
+    """(results of a 10-step run, results of a copy resumed from its step-6 checkpoint); the saved weights of the
+    two are asserted bit-identical."""
+    expected = run.main(_args(tmp_path / "a", cache, *flags))
     resumed = tmp_path / "b"
     resumed.mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006")
-    results = run.main(_args(resumed, cache_dir, *flags, "--resume_from_checkpoint",
+    results = run.main(_args(resumed, resume_cache, *flags, "--resume_from_checkpoint",
                              str(resumed / "checkpoints" / "step_00000006")))
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return expected, results
+
+
+def test_exact_resume_with_augmentation_and_dropout_across_an_epoch_boundary(tmp_path, cache_dir):
+    flags = ["--max_train_steps", "10", "--checkpointing_steps", "3", *VIT_DROPOUT]
+    expected, results = _run_then_resume_from_step_6(tmp_path, cache_dir, cache_dir, flags)
     assert results == expected
     # 64 images in batches of 16: step 6 is inside the second epoch, so the resume skips batches of epoch 1
 
@@ -391,14 +398,7 @@ def test_exact_resume_in_the_streaming_path_with_workers(tmp_path, cache_dir):
     """Also: a run with a cold image cache (the check pass runs) trains like one reading the cache."""
     flags = ["--max_train_steps", "10", "--checkpointing_steps", "3", "--in_memory", "no", "--dataloader_num_workers",
              "1", *TINY["cnn"]]
-    expected = run.main(_args(tmp_path / "a", str(tmp_path / "cold_cache"), *flags))
-    resumed = tmp_path / "b"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006")
-    results = run.main(_args(resumed, cache_dir, *flags, "--resume_from_checkpoint",
-                             str(resumed / "checkpoints" / "step_00000006")))
-    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expected, results = _run_then_resume_from_step_6(tmp_path, str(tmp_path / "cold_cache"), cache_dir, flags)
     assert results == expected
     held = run.main(_args(tmp_path / "c", cache_dir, "--max_train_steps", "10", "--in_memory", "yes", *TINY["cnn"]))
     assert held == expected                          # the in-memory path trains on the same pixels

@@ -354,6 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     def record_train_fit() -> None:     # before every checkpoint, so a resumed epoch counts on exactly
         state.recorded["train_fit_counts"] = train_fit.totals(accelerator)
+    checkpoints.before_save = record_train_fit
 
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
         first_epoch = epoch_end and state.epoch == 1          # the paper's metric: always measured
@@ -382,7 +383,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             logger.info("step %d (epoch %d): validation accuracy %.4f, loss %.4f", state.completed_steps, state.epoch,
                         result["validation_accuracy"], result["validation_loss"])
         if common.is_due(args.checkpointing_steps, state, epoch_end):
-            record_train_fit()
             checkpoints.save(state)
 
     model.train()
@@ -407,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "images")
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
-            common.stop_if_asked(accelerator, state, checkpoints, before_save=record_train_fit)
+            common.stop_if_asked(accelerator, state, checkpoints)
             timer.restart()
             if state.completed_steps >= max_steps:
                 break
