@@ -117,6 +117,8 @@ def main(out: str) -> None:
     dist.all_gather_object(every, results)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"ranks": every}, indent=1))
+    dist.barrier()                  # no rank exits while another's comm threads run (an abort fails the launch)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

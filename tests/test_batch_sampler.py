@@ -105,6 +105,10 @@ WORKER = textwrap.dedent("""
     if acc.is_main_process:
         with open(sys.argv[1], "w") as f:
             json.dump(gathered, f)
+    # end like the examples: without the barrier and teardown, a rank that exits while gloo's threads still run
+    # aborts ("terminate called without an active exception") and fails the launch
+    acc.wait_for_everyone()
+    acc.end_training()
 """)
 
 
