@@ -133,7 +133,23 @@ def _first_to_claim(line: str) -> bool:
         return False
     except (OSError, IndexError, ValueError):
         return True
+    _sweep_claims(folder)
     return True
+
+
+#: Claim files older than this are removed by the next claim (the workers of a launch print within seconds).
+CLAIM_TTL_S = 3600.0
+
+
+def _sweep_claims(folder: Path) -> None:
+    """Remove the claim files of earlier launches, so the folder does not grow by one file per error."""
+    cutoff = time.time() - CLAIM_TTL_S
+    for claim in folder.iterdir():
+        try:
+            if claim.stat().st_mtime < cutoff:
+                claim.unlink()
+        except OSError:                                    # removed meanwhile by another worker, or not ours
+            pass
 
 
 # ----------------------------------------------------------------------------------------------- signals

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,22 @@ def test_run_cli_prints_an_error_that_several_workers_raise_once(monkeypatch, tm
     for _ in range(2):
         assert common.run_cli(fails_with(UsageError("--logging_steps must be >= 1, got 0")), []) == 2
     assert capsys.readouterr().err.splitlines() == ["error: --logging_steps must be >= 1, got 0"] * 2
+
+
+def test_claims_of_earlier_launches_are_swept(monkeypatch, tmp_path):
+    """A claim older than CLAIM_TTL_S is removed by the next claim; a recent one (a launch still running) is kept."""
+    monkeypatch.setattr(common.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    folder = tmp_path / "hf_emergence_errors"
+    folder.mkdir()
+    old, recent = folder / "old", folder / "recent"
+    old.touch()
+    recent.touch()
+    stale = time.time() - common.CLAIM_TTL_S - 60
+    os.utime(old, (stale, stale))
+    assert common._first_to_claim("error: x") and not common._first_to_claim("error: x")
+    assert not old.exists()
+    assert recent.exists() and len(list(folder.iterdir())) == 2     # "recent" and the claim just made
 
 
 # ----------------------------------------------------------------------------------------- arguments
