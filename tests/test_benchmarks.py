@@ -405,6 +405,8 @@ def test_a_select_row_that_picks_the_baseline_is_not_paired_with_itself():
     agg = study.aggregate(results, spec)
     assert [r["cell"]["arm"] for r in agg["paired"]] == ["base_warmup", "tuned (= base_warmup)"]
     assert agg["paired"][1]["mean"] == pytest.approx(1.0)
+    agg = study.aggregate([run("base", s, 10.0 + s) for s in (1, 2, 3)], spec)     # only one candidate has run
+    assert agg["selected"] == [] and agg["paired"] == []
 
 
 def test_paired_verdict_reads_a_loss_in_its_own_direction():
