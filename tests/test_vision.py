@@ -307,6 +307,34 @@ def _data_args(tmp_path: Path, *extra: str):
                            "--cache_dir", str(tmp_path / "datasets"), "--no_progress_bar", "--image_size", "12", *extra])
 
 
+def test_a_jpeg_cut_after_its_header_is_found_before_training_by_check_images_decode(tmp_path):
+    """The header check passes a JPEG truncated after its header (serving it would stop the run mid-epoch, with
+    one line naming it); --check_images decode finds it before training, names it, and --skip_bad_images drops it."""
+    import io
+
+    from PIL import Image
+
+    train = _noise_folder(tmp_path / "train", {"a": 4, "b": 4})
+    noise = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8).numpy()
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, format="JPEG")
+    cut = train / "b" / "cut.jpg"
+    cut.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) * 2 // 3])
+    flags = ["--train_dir", str(train), "--in_memory", "no"]
+
+    header = image_data.load_splits(_data_args(tmp_path, *flags))
+    assert header["train"].skipped == 0 and len(header["train"]) + len(header["validation"]) == 9
+    with pytest.raises(image_data.BadImageError, match=r"cut\.jpg: cannot read this image .*--check_images decode"):
+        for split in ("train", "validation"):
+            header[split].images
+    with pytest.raises(common.UsageError, match=r"cut\.jpg: cannot read this image .*--skip_bad_images"):
+        image_data.load_splits(_data_args(tmp_path, *flags, "--check_images", "decode"))
+    decoded = image_data.load_splits(_data_args(tmp_path, *flags, "--check_images", "decode", "--skip_bad_images"))
+    assert decoded["train"].skipped == 1 and len(decoded["train"]) + len(decoded["validation"]) == 8
+    assert decoded["train"].images.shape == (len(decoded["train"]), 3, 12, 12)
+    assert decoded["validation"].images.shape == (len(decoded["validation"]), 3, 12, 12)
+
+
 def test_streaming_and_in_memory_batches_are_bit_identical(tmp_path):
     """Same rows, labels, statistics and augmented batches whichever way the pixels are held; a second in-memory
     run reads the decoded cache (no decoding)."""

@@ -12,7 +12,8 @@ The pixels are held one of two ways (``--in_memory``):
 
 - **streaming** (``no``): each batch is decoded in the DataLoader's collate (in ``--dataloader_num_workers``
   worker processes), so memory does not grow with the dataset. Unreadable files are found before training by a
-  header check (``PIL.Image.open`` + ``verify``) over every row, cached like the pixels;
+  check over every row, cached like the pixels (``--check_images``): the header (``PIL.Image.open`` + ``verify``,
+  fast, but a JPEG cut short after its header passes) or a full decode (what serving a batch does);
 - **in memory** (``yes``): every image decoded once into one uint8 tensor (N, 3, S, S), cached under
   ``--image_cache_dir`` and memory-mapped when read back; on a GPU it is moved to the device and augmented there.
   ``auto`` takes this path when the uint8 pixels of all splits fit in ``min(IN_MEMORY_CAP_BYTES, a quarter of the
@@ -51,6 +52,8 @@ IN_MEMORY_CAP_BYTES = 4 << 30
 #: Rows decoded per chunk by the decoding / checking passes.
 SCAN_CHUNK = 256
 CACHE_VERSION = 2
+#: ``--check_images``: what the streaming path's check before training reads of every image.
+CHECKS = ("header", "decode")
 
 
 class BadImageError(UsageError):
@@ -168,15 +171,17 @@ def decode_rows(source: Any, rows: list[int], size: int, origin: str) -> torch.T
             out[j] = decode_image(item, size)
         except READ_ERRORS as err:
             raise BadImageError(f"{_where(item, row, origin)}: cannot read this image ({_error(err)}); it passed the "
-                                "header check, so --skip_bad_images cannot drop it: remove the file") from None
+                                "check before training, so --skip_bad_images cannot drop it: remove the file, or "
+                                "find such files before training with --check_images decode") from None
     return out
 
 
 class _Scan:
-    """collate_fn of the decoding / checking passes: a chunk of rows -> (ok mask, pixels of the ok rows, errors)."""
+    """collate_fn of the decoding / checking passes: a chunk of rows -> (ok mask, pixels of the ok rows, errors).
+    ``check``: what a checking pass (``decode=False``) reads, one of :data:`CHECKS`."""
 
-    def __init__(self, source: Any, size: int, decode: bool, origin: str):
-        self.source, self.size, self.decode, self.origin = source, size, decode, origin
+    def __init__(self, source: Any, size: int, decode: bool, origin: str, check: str = "header"):
+        self.source, self.size, self.decode, self.origin, self.check = source, size, decode, origin, check
 
     def __call__(self, rows: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor], list[tuple[int, str]]]:
         ok = torch.zeros(len(rows), dtype=torch.bool)
@@ -185,6 +190,8 @@ class _Scan:
             try:
                 if self.decode:
                     pixels.append(decode_image(item, self.size))
+                elif self.check == "decode":
+                    decode_image(item, self.size)          # the pixels are dropped: only that it decodes counts
                 else:
                     check_image(item)
                 ok[j] = True
@@ -203,7 +210,7 @@ def _cache_file(args: argparse.Namespace, identity: Any, mode: str) -> Optional[
 def scan(split: ImageSet, args: argparse.Namespace, identity: Any, decode: bool) -> ImageSet:
     """Check (streaming) or decode (in memory) every row of a freshly read split, cached under --image_cache_dir;
     unreadable rows stop the run (one line naming the first) or, with --skip_bad_images, are dropped and counted."""
-    mode = "decode" if decode else "check"
+    mode = "decode" if decode else ("check" if args.check_images == "header" else "check-decode")
     cache = _cache_file(args, identity, mode)
     size, n = args.image_size, len(split)
     if cache is not None and cache.is_file():
@@ -215,7 +222,7 @@ def scan(split: ImageSet, args: argparse.Namespace, identity: Any, decode: bool)
         errors: list[tuple[int, str]] = []
         workers = args.preprocessing_num_workers or 0
         loader = common.data_loader(split.rows.tolist(), batch_size=SCAN_CHUNK, num_workers=workers,   # own generator:
-                                    collate_fn=_Scan(split.source, size, decode, split.origin))  # a cold cache draws nothing from the global RNG
+                                    collate_fn=_Scan(split.source, size, decode, split.origin, args.check_images))  # a cold cache draws nothing from the global RNG
         start = filled = 0
         for chunk_ok, chunk, chunk_errors in tqdm(loader, desc=f"{mode} {split.origin}", leave=False,
                                                   disable=args.no_progress_bar):

@@ -89,6 +89,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--data_seed", type=int, default=0,
                    help="seed of the held-out split and the subsets: fixed, so every --seed and arm sees the same data")
     g.add_argument("--skip_bad_images", action="store_true", help="skip and count unreadable images instead of stopping")
+    g.add_argument("--check_images", default="header", choices=image_data.CHECKS,
+                   help="streaming: how unreadable files are found before training: 'header' (open + verify: fast, "
+                        "misses a truncated JPEG) or 'decode' (every image decoded once, as training will: one "
+                        "decoding pass, cached like the header check)")
     g.add_argument("--image_cache_dir", default=os.environ.get("HF_EMERGENCE_IMAGE_CACHE",
                                                                str(Path.home() / ".cache" / "hf_emergence" / "images")),
                    help="decoded uint8 images (in memory) and the unreadable-file check (streaming) are cached here, "
