@@ -803,6 +803,7 @@ class TrainState:
     best_metric: Optional[float] = None
     last_eval: dict[str, Any] = field(default_factory=dict)
     recorded: dict[str, Any] = field(default_factory=dict)   # values measured once, e.g. accuracy after epoch 1
+    data: dict[str, Any] = field(default_factory=dict)       # what the batches are drawn from (compared on resume)
 
 
 TRAIN_STATE, MANIFEST, MODEL_CONFIG = "train_state.json", "manifest.json", "model_config.json"
@@ -1097,14 +1098,26 @@ def _structure_problem(path: Path) -> Optional[str]:
 
 
 def start_run(accelerator: Accelerator, args: argparse.Namespace, checkpoints: Checkpoints,
-              resume_path: Optional[Path]) -> tuple[TrainState, "MetricsLog"]:
+              resume_path: Optional[Path], data: Optional[dict[str, Any]] = None) -> tuple[TrainState, "MetricsLog"]:
     """The training state and the metrics log: a checkpoint's (the log keeps its records up to that step), or
-    step 0 (the checkpoints of a run that ``--overwrite_output_dir`` replaces are removed now, not earlier)."""
+    step 0 (the checkpoints of a run that ``--overwrite_output_dir`` replaces are removed now, not earlier).
+
+    ``data`` describes what the batches are drawn from (training examples, batches per epoch and process,
+    processes): saved with every checkpoint and compared on resume. The batch order is a function of these and
+    the seed, so a difference is a warning naming each value: the run goes on from the checkpoint, but its
+    batches from there on are not those of an uninterrupted run (a dropped unreadable file, another data folder)."""
+    data = dict(data or {})
     if resume_path is not None:
         state = checkpoints.load(resume_path)
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.completed_steps, state.epoch)
+        changed = [f"{k} {state.data[k]} -> {v}" for k, v in data.items() if k in state.data and state.data[k] != v]
+        if changed:
+            logger.warning("%s was saved while training on other data (checkpoint -> this run): %s; training goes "
+                           "on, but its batches from here on are not those of an uninterrupted run",
+                           resume_path, "; ".join(changed))
+        state.data = data
     else:
-        state = TrainState()
+        state = TrainState(data=data)
         checkpoints.clear()
     log = MetricsLog(accelerator, args.output_dir, args.with_tracking, state.completed_steps if resume_path else None)
     return state, log

@@ -680,6 +680,27 @@ def test_prune_keeps_checkpoints_newer_than_the_resumed_step(accelerator, tmp_pa
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
 
 
+def test_resuming_on_other_data_warns_naming_what_changed(accelerator, tmp_path, caplog):
+    """The data description is saved with the checkpoint; on resume a changed value is one warning naming it (and
+    the new description is what the next checkpoint saves); the same data resumes silently."""
+    _prepared(accelerator)
+    args = argparse.Namespace(output_dir=str(tmp_path), with_tracking=False)
+    ckpts = Checkpoints(accelerator, tmp_path)
+    data = {"train_examples": 45000, "batches_per_epoch": 352, "processes": 1}
+    state, _ = common.start_run(accelerator, args, ckpts, None, data=data)
+    state.completed_steps = 3
+    path = ckpts.save(state)
+    assert json.loads((path / "train_state.json").read_text())["data"] == data
+    with caplog.at_level("WARNING", logger="hf_emergence.examples"):
+        common.start_run(accelerator, args, ckpts, path, data=data)
+    assert "other data" not in caplog.text
+    changed = {**data, "train_examples": 44999}
+    with caplog.at_level("WARNING", logger="hf_emergence.examples"):
+        resumed, _ = common.start_run(accelerator, args, ckpts, path, data=changed)
+    assert resumed.completed_steps == 3 and resumed.data == changed
+    assert "train_examples 45000 -> 44999;" in caplog.text and "batches_per_epoch" not in caplog.text
+
+
 def test_resuming_a_different_model_says_which_setting_differs(tmp_path, caplog):
     from transformers import BertConfig, BertModel
 

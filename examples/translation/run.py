@@ -380,7 +380,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         probe = {"input_ids": first["input_ids"], "attention_mask": first["attention_mask"],
                  "decoder_input_ids": decoder_inputs(first["labels"], config.decoder_start_token_id, config.pad_token_id)}
 
-    state, log = common.start_run(accelerator, args, checkpoints, resume_path)
+    state, log = common.start_run(accelerator, args, checkpoints, resume_path,
+                                  data={"train_examples": len(train_ds), "batches_per_epoch": len(train_dl),
+                                        "processes": accelerator.num_processes})
     if args.measure_emergence and not resume_path:
         log.log({"step": 0, "epoch": 0, **common.emergence_report(accelerator, model, probe)})
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
