@@ -2,7 +2,8 @@
 
 Shared by the ``hf-emergence`` command line and the example scripts. Values are parsed as JSON
 (numbers, lists, ``true``/``false``/``null``), then Python's ``True``/``False``/``None``, else kept as
-strings; commas inside ``[...]`` or ``{...}`` do not split items.
+strings; commas inside ``[...]``, ``{...}`` or a double-quoted string (``name="x,y"``) do not split items, and an
+unclosed bracket or quote is an error.
 """
 
 from __future__ import annotations
@@ -26,18 +27,8 @@ def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
     """``"a=1,b=[2,3],c=true,d=gelu"`` -> ``{"a": 1, "b": [2, 3], "c": True, "d": "gelu"}`` (JSON values, else strings)."""
     if not text:
         return {}
-    out, depth, item = {}, 0, ""
-    parts = []
-    for ch in text:
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            parts.append(item)
-            item = ""
-        else:
-            item += ch
-    parts.append(item)
-    for part in parts:
+    out: dict[str, Any] = {}
+    for part in _split_items(text):
         if "=" not in part:
             raise ConfigOverrideError(f"--config_overrides: {part!r} is not key=value")
         key, raw = (s.strip() for s in part.split("=", 1))
@@ -49,6 +40,32 @@ def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
             value = {"True": True, "False": False, "None": None}.get(raw, raw)
         out[key] = value
     return out
+
+
+def _split_items(text: str) -> list[str]:
+    """Split at the commas outside ``[...]``, ``{...}`` and double-quoted strings (``\\"`` escapes a quote)."""
+    parts, item, depth, quoted, escaped = [], "", 0, False, False
+    for ch in text:
+        if quoted:
+            quoted = escaped or ch != '"'
+            escaped = not escaped and ch == "\\"
+        elif ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth < 0:
+                raise ConfigOverrideError(f"--config_overrides: {(item + ch)!r} closes a bracket that was never opened")
+        elif ch == "," and depth == 0:
+            parts.append(item)
+            item = ""
+            continue
+        item += ch
+    if quoted or depth:
+        raise ConfigOverrideError(f"--config_overrides: {item!r} has an unclosed "
+                                  f"{'quote' if quoted else 'bracket'}")
+    return parts + [item]
 
 
 def apply_config_overrides(config: Any, overrides: Union[str, Mapping[str, Any], None]) -> Any:

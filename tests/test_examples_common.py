@@ -160,8 +160,11 @@ def test_parse_config_overrides_types():
     assert type(parsed["d_model"]) is int and type(parsed["dropout"]) is float and type(parsed["flag"]) is bool
     assert common.parse_config_overrides("") == {} and common.parse_config_overrides(None) == {}
     assert common.parse_config_overrides("a=[1,[2,3]],b=2") == {"a": [1, [2, 3]], "b": 2}
+    assert common.parse_config_overrides('name="x,y",b=2') == {"name": "x,y", "b": 2}     # quoted commas stay
+    assert common.parse_config_overrides(r'name="a\",b",c=[1]') == {"name": 'a",b', "c": [1]}
     for bad, message in [("d_model", "'d_model' is not key=value"), ("a=1,,b=2", "'' is not key=value"),
-                         ("=3", "has no key")]:
+                         ("=3", "has no key"), ("a=[1,2", "'a=\\[1,2' has an unclosed bracket"),
+                         ('n="x,y', "unclosed quote"), ("a=1],b=2", "'a=1\\]' closes a bracket that was never opened")]:
         with pytest.raises(UsageError, match=message):
             common.parse_config_overrides(bad)
 
