@@ -185,14 +185,18 @@ def stop_on_signals() -> Iterator[None]:
         _stop_request.update(signum=None, at=0.0)
 
 
-def stop_if_asked(accelerator: Accelerator, state: "TrainState", checkpoints: "Checkpoints") -> None:
+def stop_if_asked(accelerator: Accelerator, state: "TrainState", checkpoints: "Checkpoints",
+                  checks: Optional["DeviceChecks"] = None) -> None:
     """After an optimizer step: if any process got SIGTERM / SIGINT, every process saves a checkpoint of this step
-    and stops (:class:`Stopped`). The request is max-reduced across processes, so all stop at the same step."""
+    and stops (:class:`Stopped`). The request is max-reduced across processes, so all stop at the same step.
+    ``checks`` is read first: no checkpoint is saved after a step the non-finite guard skipped."""
     signum = _stop_request["signum"] or 0
     if accelerator.num_processes > 1:
         signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), reduction="max"))
     if not signum:
         return
+    if checks is not None:
+        checks.check(state, checkpoints)
     latest = checkpoints.latest()
     path = latest if latest is not None and latest.name == checkpoints.name(state) else checkpoints.save(state)
     raise Stopped(f"{signal.Signals(signum).name} at step {state.completed_steps} (epoch {state.epoch}); saved {path}. "
@@ -292,16 +296,17 @@ def add_run_args(parser: argparse.ArgumentParser, default_output_dir: str) -> No
     g.add_argument("--no_progress_bar", action="store_true")
 
 
-def add_speed_args(parser: argparse.ArgumentParser, channels_last: bool = False) -> None:
+def add_speed_args(parser: argparse.ArgumentParser, channels_last: bool = False, torch_compile: bool = True) -> None:
     """``--mixed_precision`` (Accelerate's autocast; fp16 is left out: its loss scaler skips overflowing steps, which the
     non-finite guard would report as divergence), ``--torch_compile`` and, for ConvNets, ``--channels_last``."""
     g = parser.add_argument_group("speed")
     g.add_argument("--mixed_precision", default=None, choices=("no", "bf16"),
                    help="bf16: forward and loss under Accelerate's bf16 autocast, weights and optimizer in fp32 "
                         "(default: what `accelerate launch` / `accelerate config` say, else no)")
-    g.add_argument("--torch_compile", action="store_true",
-                   help="compile the model's forward with torch.compile (inductor; the first steps pay the compile time, "
-                        "checkpoints keep the plain parameter names)")
+    if torch_compile:
+        g.add_argument("--torch_compile", action="store_true",
+                       help="compile the model's forward with torch.compile (inductor; the first steps pay the compile "
+                            "time, checkpoints keep the plain parameter names)")
     if channels_last:
         g.add_argument("--channels_last", default="auto", choices=("auto", "yes", "no"),
                        help="keep weights and input batches in channels_last memory format (NHWC); auto: yes for ConvNets "
@@ -453,6 +458,9 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator
                               dataloader_config=DataLoaderConfiguration(non_blocking=True),
                               mixed_precision=getattr(args, "mixed_precision", None),   # None: accelerate launch's
                               log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir)
+    if accelerator.mixed_precision == "fp16":
+        raise UsageError("mixed precision fp16 (set by accelerate launch / accelerate config) is not supported: its loss "
+                         "scaler skips overflowing steps, which the non-finite guard reads as divergence; use bf16 or no")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
     cache_accelerate_package_checks()

@@ -763,6 +763,35 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(accelerator, tmp_pat
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                # handlers restored
 
 
+def test_a_stop_request_after_a_skipped_step_saves_nothing(accelerator, tmp_path):
+    """SIGTERM after a step the non-finite guard skipped: the guard is read first, so the run stops as diverged
+    and no checkpoint holds the step after the skipped one."""
+    import signal
+
+    _, optimizer = _prepared(accelerator)
+    ckpts = Checkpoints(accelerator, tmp_path)
+    checks = common.DeviceChecks()
+    checks.note(optimizer, torch.tensor(float("inf")), 5, 1)
+    state = TrainState(completed_steps=6, epoch=1)
+    common._stop_request["signum"] = signal.SIGTERM
+    try:
+        with pytest.raises(common.NonFiniteLoss, match="became inf at step 5"):
+            common.stop_if_asked(accelerator, state, ckpts, checks)
+    finally:
+        common._stop_request["signum"] = None
+    assert ckpts.latest() is None
+
+
+def test_fp16_from_the_launcher_is_one_line(monkeypatch, tmp_path):
+    """fp16's loss scaler skips overflowing steps, which the guard would report as divergence: refused up front."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    try:
+        with pytest.raises(UsageError, match="^mixed precision fp16 .* use bf16 or no$"):
+            common.make_accelerator(_args("--output_dir", str(tmp_path)), "test")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_accelerate_package_check_is_answered_once(monkeypatch):
     """The optimizer wrapper's per-step is_lomo_available() is cached: same answer, the lookup runs once."""
     import accelerate.optimizer as accelerated

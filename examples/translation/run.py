@@ -99,11 +99,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--stop_after_minutes", type=float, default=None,
                    help="end training at the first step after this much wall time (fairseq's --stop-time-hours), "
                         "then evaluate and save as usual")
-    g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
-                   help="default: what accelerate launch / accelerate config says")
     common.add_init_args(parser)
     common.add_training_args(parser, batch_size=64, learning_rate=1e-3, epochs=3, weight_decay=1e-4, warmup=200,
                              scheduler="inverse_sqrt")
+    common.add_speed_args(parser, torch_compile=False)   # generation's changing shapes would recompile often
     common.add_diagnostics_args(parser)
     common.add_run_args(parser, default_output_dir="out/translation")
     preset_parser = argparse.ArgumentParser(add_help=False)
@@ -388,6 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     timer = common.Timer()
+    checks = common.DeviceChecks()    # the non-finite guard, read only at logging steps, evaluations and checkpoints
     deadline = time.monotonic() + 60 * args.stop_after_minutes if args.stop_after_minutes else math.inf
 
     def past_deadline() -> bool:
@@ -398,6 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         return bool(accelerator.reduce(late, reduction="sum") > 0) if accelerator.num_processes > 1 else bool(late)
 
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
+        if common.is_due(args.eval_steps, state, epoch_end) or common.is_due(args.checkpointing_steps, state, epoch_end):
+            checks.check(state, checkpoints)
         if common.is_due(args.eval_steps, state, epoch_end):
             result = evaluate(accelerator, model, eval_dls["validation"], tokenizer, references["validation"], args,
                               "validation", args.validation_num_beams)
@@ -420,16 +422,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 logits = forward_logits(accelerator, model, batch)
                 loss = smoothed_loss(logits, batch["labels"], args.label_smoothing)
-                grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints)
+                grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, loss, args, state, checkpoints,
+                                                  checks)
             timer.step_done(int((batch["labels"] != -100).sum()))
             if not common.count_micro_batch(state, accelerator, len(batch["input_ids"])):
                 continue
             progress.update(1)
             if state.completed_steps % args.logging_steps == 0:
+                checks.check(state, checkpoints)
                 record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "target_tokens")
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
-            common.stop_if_asked(accelerator, state, checkpoints)
+            common.stop_if_asked(accelerator, state, checkpoints, checks)
             timer.restart()
             if state.completed_steps >= max_steps or past_deadline():
                 break
@@ -440,6 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             logger.info("--stop_after_minutes %g reached at step %d", args.stop_after_minutes, state.completed_steps)
             break
     progress.close()
+    checks.check(state, checkpoints)
 
     results: dict[str, Any] = {"step": state.completed_steps}
     if args.average_last_checkpoints > 1:
