@@ -380,6 +380,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 LOCK = ".study_lock"
+#: A lock file without a pid this recent is being written by its owner (between its creation and the write).
+LOCK_GRACE_S = 30.0
 
 
 def acquire(run_dir: Path) -> bool:
@@ -395,11 +397,12 @@ def acquire(run_dir: Path) -> bool:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                return False
+                text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue                  # released meanwhile: try again
+            pid = int(text) if text.isdigit() else 0
+            if (pid and pid != os.getpid() and _alive(pid)) or (not pid and age < LOCK_GRACE_S):
+                return False              # held, or just created and its pid not written yet
             lock.unlink(missing_ok=True)  # stale (its worker died): take it over
             continue
         with os.fdopen(fd, "w") as f:

@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +347,20 @@ def test_stop_at_starts_only_runs_expected_to_finish_and_cuts_off_the_one_in_fli
                        "--stop_at", str(time.time() + 2)]) == 1
     res = json.loads((out / "arm-better__seed-2" / study.RESULT).read_text())
     assert res["status"] == "timeout" and time.monotonic() - t0 < 20 and not study.is_finished(out / "arm-better__seed-2")
+
+
+def test_a_lock_just_created_and_not_yet_written_is_held(tmp_path):
+    """Between its creation and the write of its pid a lock file is empty: another worker must not take it for a
+    dead worker's (both ran the same cell); an empty lock older than LOCK_GRACE_S is taken over."""
+    run_dir = tmp_path / "arm-base__seed-1"
+    run_dir.mkdir()
+    (run_dir / study.LOCK).write_text("")
+    assert not study.acquire(run_dir)
+    old = time.time() - study.LOCK_GRACE_S - 1
+    os.utime(run_dir / study.LOCK, (old, old))
+    assert study.acquire(run_dir) and (run_dir / study.LOCK).read_text() == str(os.getpid())
+    study.release(run_dir)
+    assert not (run_dir / study.LOCK).exists()
 
 
 def test_gpu_study_chunks_resume_from_the_carried_results(tmp_path):
