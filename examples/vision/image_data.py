@@ -178,26 +178,26 @@ def decode_rows(source: Any, rows: list[int], size: int, origin: str) -> torch.T
 
 class _Scan:
     """collate_fn of the decoding / checking passes: a chunk of rows -> (ok mask, pixels of the ok rows, errors).
-    ``check``: what a checking pass (``decode=False``) reads, one of :data:`CHECKS`."""
+    ``mode``: ``decode`` (keep the pixels), ``check-decode`` (decode, keep nothing) or ``check`` (the header)."""
 
-    def __init__(self, source: Any, size: int, decode: bool, origin: str, check: str = "header"):
-        self.source, self.size, self.decode, self.origin, self.check = source, size, decode, origin, check
+    def __init__(self, source: Any, size: int, mode: str, origin: str):
+        self.source, self.size, self.mode, self.origin = source, size, mode, origin
 
     def __call__(self, rows: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor], list[tuple[int, str]]]:
         ok = torch.zeros(len(rows), dtype=torch.bool)
         pixels, errors = [], []
         for j, (row, item) in enumerate(zip(rows, self.source[rows]["image"])):
             try:
-                if self.decode:
+                if self.mode == "decode":
                     pixels.append(decode_image(item, self.size))
-                elif self.check == "decode":
+                elif self.mode == "check-decode":
                     decode_image(item, self.size)          # the pixels are dropped: only that it decodes counts
                 else:
                     check_image(item)
                 ok[j] = True
             except READ_ERRORS as err:
                 errors.append((row, f"{_where(item, row, self.origin)}: cannot read this image ({_error(err)})"))
-        return ok, (torch.stack(pixels) if self.decode and pixels else None), errors
+        return ok, (torch.stack(pixels) if self.mode == "decode" and pixels else None), errors
 
 
 def _cache_file(args: argparse.Namespace, identity: Any, mode: str) -> Optional[Path]:
@@ -222,7 +222,7 @@ def scan(split: ImageSet, args: argparse.Namespace, identity: Any, decode: bool)
         errors: list[tuple[int, str]] = []
         workers = args.preprocessing_num_workers or 0
         loader = common.data_loader(split.rows.tolist(), batch_size=SCAN_CHUNK, num_workers=workers,   # own generator:
-                                    collate_fn=_Scan(split.source, size, decode, split.origin, args.check_images))  # a cold cache draws nothing from the global RNG
+                                    collate_fn=_Scan(split.source, size, mode, split.origin))  # a cold cache draws nothing from the global RNG
         start = filled = 0
         for chunk_ok, chunk, chunk_errors in tqdm(loader, desc=f"{mode} {split.origin}", leave=False,
                                                   disable=args.no_progress_bar):
