@@ -1110,11 +1110,11 @@ def start_run(accelerator: Accelerator, args: argparse.Namespace, checkpoints: C
     """The training state and the metrics log: a checkpoint's (the log keeps its records up to that step), or
     step 0 (the checkpoints of a run that ``--overwrite_output_dir`` replaces are removed now, not earlier).
 
-    ``data`` describes what the batches are drawn from (training examples, batches per epoch and process,
-    processes): saved with every checkpoint and compared on resume. The batch order is a function of these and
-    the seed, so a difference is a warning naming each value: the run goes on from the checkpoint, but its
-    batches from there on are not those of an uninterrupted run (a dropped unreadable file, another data folder)."""
-    data = dict(data or {})
+    ``data`` describes what the batches are drawn from (e.g. training examples, batches per epoch and process); with
+    the process count added, it is saved with every checkpoint and compared on resume. The batch order is a function
+    of these and the seed, so a difference is a warning naming each value: the run goes on from the checkpoint, but
+    its batches from there on are not those of an uninterrupted run (a dropped unreadable file, another data folder)."""
+    data = {**data, "processes": accelerator.num_processes} if data else {}
     if resume_path is not None:
         state = checkpoints.load(resume_path)
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.completed_steps, state.epoch)

@@ -689,17 +689,18 @@ def test_resuming_on_other_data_warns_naming_what_changed(accelerator, tmp_path,
     _prepared(accelerator)
     args = argparse.Namespace(output_dir=str(tmp_path), with_tracking=False)
     ckpts = Checkpoints(accelerator, tmp_path)
-    data = {"train_examples": 45000, "batches_per_epoch": 352, "processes": 1}
-    state, _ = common.start_run(accelerator, args, ckpts, None, data=data)
+    counts = {"train_examples": 45000, "batches_per_epoch": 352}
+    data = {**counts, "processes": 1}                                 # the process count is added: this accelerator's
+    state, _ = common.start_run(accelerator, args, ckpts, None, data=counts)
     state.completed_steps = 3
     path = ckpts.save(state)
     assert json.loads((path / "train_state.json").read_text())["data"] == data
     with caplog.at_level("WARNING", logger="hf_emergence.examples"):
-        common.start_run(accelerator, args, ckpts, path, data=data)
+        common.start_run(accelerator, args, ckpts, path, data=counts)
     assert "other data" not in caplog.text
     changed = {**data, "train_examples": 44999}
     with caplog.at_level("WARNING", logger="hf_emergence.examples"):
-        resumed, _ = common.start_run(accelerator, args, ckpts, path, data=changed)
+        resumed, _ = common.start_run(accelerator, args, ckpts, path, data={**counts, "train_examples": 44999})
     assert resumed.completed_steps == 3 and resumed.data == changed
     assert "train_examples 45000 -> 44999;" in caplog.text and "batches_per_epoch" not in caplog.text
 

@@ -380,8 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                  "decoder_input_ids": decoder_inputs(first["labels"], config.decoder_start_token_id, config.pad_token_id)}
 
     state, log = common.start_run(accelerator, args, checkpoints, resume_path,
-                                  data={"train_examples": len(train_ds), "batches_per_epoch": len(train_dl),
-                                        "processes": accelerator.num_processes})
+                                  data={"train_examples": len(train_ds), "batches_per_epoch": len(train_dl)})
     if args.measure_emergence and not resume_path:
         log.log({"step": 0, "epoch": 0, **common.emergence_report(accelerator, model, probe)})
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
@@ -398,9 +397,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         return bool(accelerator.reduce(late, reduction="sum") > 0) if accelerator.num_processes > 1 else bool(late)
 
     def evaluate_and_checkpoint(epoch_end: bool) -> None:
-        if common.is_due(args.eval_steps, state, epoch_end) or common.is_due(args.checkpointing_steps, state, epoch_end):
+        evaluating = common.is_due(args.eval_steps, state, epoch_end)
+        if evaluating or common.is_due(args.checkpointing_steps, state, epoch_end):
             checks.check(state, checkpoints)
-        if common.is_due(args.eval_steps, state, epoch_end):
+        if evaluating:
             result = evaluate(accelerator, model, eval_dls["validation"], tokenizer, references["validation"], args,
                               "validation", args.validation_num_beams)
             if args.measure_emergence:

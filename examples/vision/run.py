@@ -346,8 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
              if args.measure_emergence else None)                   # fixed batch for --measure_emergence
 
     state, log = common.start_run(accelerator, args, checkpoints, resume_path,
-                                  data={"train_examples": len(train), "batches_per_epoch": len(train_dl),
-                                        "processes": accelerator.num_processes})
+                                  data={"train_examples": len(train), "batches_per_epoch": len(train_dl)})
     if args.measure_emergence and not resume_path:
         log.log({"step": 0, "epoch": 0, **common.emergence_report(accelerator, model, probe["pixel_values"])})
     progress = tqdm(total=max_steps, initial=state.completed_steps, desc="train",
