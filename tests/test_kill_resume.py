@@ -179,4 +179,5 @@ def test_sigterm_to_accelerate_launch_stops_every_process_cleanly(tmp_path, cach
     proc = subprocess.run(_two_processes(out, cache) + ["--resume_from_checkpoint", "latest"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "other data" not in proc.stderr                         # same data and processes: no resume warning
     _assert_same_run(reference, out)
