@@ -27,7 +27,8 @@
         "first_epoch_metrics": ["validation_bleu"],          # taken from the first evaluation logged with epoch >= 1
         "curve_metrics": ["validation_bleu", "validation_loss"], "curve_x": "step",
         "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "validation_bleu", "mode": "max"}],
-        "milestones": {"metric": "validation_bleu", "values": [10, 20, 30], "x": "step"}   # steps to reach each value
+        "milestones": {"metric": "validation_bleu", "values": [10, 20, 30], "x": "step"},  # steps to reach each value
+        "labels": {"emergence_a1.2": "emergence alpha 1.2"}  # optional: how arms are shown in tables and plots
       }
     }
 
@@ -67,7 +68,9 @@ of the other axes. ``milestones`` gives, per group, the mean step at which each 
 many runs. Cells of the grid without an ``ok`` result are listed by name and state, never averaged. Plots: each curve metric against ``curve_x`` with a
 ±std band per arm, one PNG per group of the remaining axes; E / E_max at step 0 against alpha when runs logged
 ``emergence_normalised`` (vision ``--measure_emergence``); active fraction per layer when ``all_results`` holds a
-list ``active_fraction_per_layer``.
+list ``active_fraction_per_layer``. ``labels`` names arms in tables and plots (the report lists each label's
+arm and arguments). A report folder's README is rewritten, except its ``## Reading...`` sections (written by hand),
+which are kept at its end.
 """
 
 from __future__ import annotations
@@ -233,6 +236,14 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
     for i, sel in enumerate(report.get("select", [])):
         if not (isinstance(sel, dict) and {"name", "arms", "by"} <= set(sel) and sel.get("mode", "max") in ("max", "min")):
             raise fail(f'report.select[{i}]: expected {{"name": ..., "arms": "glob", "by": "metric", "mode": "max"|"min"}}')
+    labels = report.get("labels", {})
+    if not (isinstance(labels, dict) and all(isinstance(v, str) and v for v in labels.values())):
+        raise fail('expected "report.labels": an object of arm value -> non-empty label')
+    arm_axis = report.get("arm_axis", "arm" if "arm" in axes else None)
+    unknown = [k for k in labels if arm_axis is None or k not in axes[arm_axis]]
+    if unknown:
+        raise fail(f"report.labels: {unknown[0]!r} is not a value of the arm axis {arm_axis!r}"
+                   + (f" ({', '.join(axes[arm_axis])})" if arm_axis else ""))
     env = raw.get("env", {})
     if not isinstance(env, dict):
         raise fail('expected "env": an object of environment variables')
@@ -644,7 +655,19 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
     paired = paired_rows(rows + chosen, arm_axis, report.get("baseline"), group_axes)
     return {"group_axes": group_axes, "seed_axis": seed_axis, "arm_axis": arm_axis, "metrics": metrics,
             "first_epoch_metrics": first_names, "rows": rows, "selected": selected, "paired": paired,
-            "milestones": report.get("milestones")}
+            "milestones": report.get("milestones"), "labels": report.get("labels", {})}
+
+
+def shown(agg: dict[str, Any], axis: str, value: str) -> str:
+    """How an axis value is shown in tables and plots: its ``report.labels`` entry for the arm axis (also inside a
+    select row's ``name (= arm)``), else the value itself."""
+    labels = agg.get("labels") or {}
+    if axis != agg.get("arm_axis") or not labels:
+        return value
+    m = re.fullmatch(r"(.*) \(= (.*)\)", value)
+    if m and m.group(2) in labels:
+        return f"{m.group(1)} (= {labels[m.group(2)]})"
+    return labels.get(value, value)
 
 
 def milestone_steps(res: dict[str, Any], spec: Optional[dict[str, Any]]) -> dict[str, Optional[float]]:
@@ -701,7 +724,7 @@ def markdown_table(agg: dict[str, Any], baseline: Optional[str] = None) -> str:
     primary = metrics[0] if metrics else None
     arm_axis = agg["arm_axis"]
     if baseline and primary and arm_axis:
-        cols.append(f"Δ {primary} vs {baseline}")
+        cols.append(f"Δ {primary} vs {shown(agg, arm_axis, baseline)}")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base_means = {}
     if baseline and primary and arm_axis:
@@ -712,7 +735,7 @@ def markdown_table(agg: dict[str, Any], baseline: Optional[str] = None) -> str:
         n_ok = g["status"].get("ok", 0)
         extra = [f"{c} {k}" for k, c in sorted(g["status"].items()) if k != "ok"]
         n = f"{n_ok}" + (f" ({', '.join(extra)})" if extra else "")
-        cells = [g["cell"][a] for a in axes] + [n]
+        cells = [shown(agg, a, g["cell"][a]) for a in axes] + [n]
         cells += [fmt_ms(g["first_stats"].get(m), _digits(m)) for m in first]
         cells += [fmt_ms(g["stats"].get(m), _digits(m)) for m in metrics]
         if baseline and primary and arm_axis:
@@ -732,7 +755,7 @@ def paired_table(agg: dict[str, Any]) -> str:
         d = _digits(r["metric"])
         interval = (f"{r['mean']:+.{d}f} [{r['low']:+.{d}f}, {r['high']:+.{d}f}]" if r["n"] > 1
                     else f"{r['mean']:+.{d}f}")
-        lines.append("| " + " | ".join([r["cell"][a] for a in axes] + [f"{r['kind']}: {r['metric']}", str(r["n"]),
+        lines.append("| " + " | ".join([shown(agg, a, r["cell"][a]) for a in axes] + [f"{r['kind']}: {r['metric']}", str(r["n"]),
                                                                           interval, r["verdict"]]) + " |")
     return "\n".join(lines)
 
@@ -745,7 +768,7 @@ def milestone_table(agg: dict[str, Any]) -> str:
     axes = agg["group_axes"]
     lines = ["| " + " | ".join(axes + labels) + " |", "|" + "---|" * (len(axes) + len(labels))]
     for g in agg["rows"]:
-        cells = [g["cell"][a] for a in axes]
+        cells = [shown(agg, a, g["cell"][a]) for a in axes]
         for label in labels:
             xs = g["milestones"].get(label, [])
             hit = [x for x in xs if x is not None]
@@ -782,8 +805,8 @@ def forest_plots(agg: dict[str, Any], out: Path) -> list[str]:
                             color=color, capsize=3)
             ax.axvline(0.0, color="black", lw=0.8)
             ax.set_yticks(ys)
-            ax.set_yticklabels([f"{r['cell'][arm_axis]} (n={r['n']})" for r in sel], fontsize=8)
-            ax.set_xlabel(f"Δ {s} vs {sel[0].get('baseline', 'baseline')}")
+            ax.set_yticklabels([f"{shown(agg, arm_axis, r['cell'][arm_axis])} (n={r['n']})" for r in sel], fontsize=8)
+            ax.set_xlabel(f"Δ {s} vs {shown(agg, arm_axis, sel[0].get('baseline', 'baseline'))}")
             ax.grid(axis="x", alpha=0.3)
         written.append(save_panel(fig, out, "forest", others, panel, "paired difference vs baseline, 95% CI"))
     return written
@@ -881,7 +904,7 @@ def plots(results: list[dict[str, Any]], agg: dict[str, Any], report: dict[str, 
                 vals = np.array([[s.get(x, np.nan) for x in xs] for s in series], dtype=float)
                 mean = np.nanmean(vals, 0)
                 std = np.nanstd(vals, 0, ddof=1) if len(series) > 1 else np.zeros_like(mean)
-                line, = ax.plot(xs, mean, marker=".", label=f"{arm} (n={len(series)})")
+                line, = ax.plot(xs, mean, marker=".", label=f"{shown(agg, arm_axis, arm) if arm_axis else arm} (n={len(series)})")
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set_xlabel(x_key)
             ax.set_ylabel(metric)
@@ -944,6 +967,24 @@ def find_grid_file(recorded: str, name: str) -> Optional[Path]:
     return None
 
 
+def hand_written_sections(readme: Path) -> list[str]:
+    """The lines of every ``## Reading...`` section (up to the next ``#``/``##`` heading) of an existing report
+    README: written by hand, so a rewritten report keeps them (appended after its generated sections)."""
+    if not readme.is_file():
+        return []
+    kept, keep, fence = [], False, False
+    for line in readme.read_text().splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (line.startswith("# ") or line.startswith("## ")):
+            keep = line.startswith("## Reading")
+        if keep:
+            kept.append(line)
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return kept
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     results = load_results(folder)
@@ -977,9 +1018,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         lines += ["Rows named `<select> (= arm)` repeat the arm with the best mean "
                   + ", ".join(sorted({s['selected_by'] for s in agg['selected']})) + " among its candidates "
                   "(selected on validation data, so its test numbers are not optimistic by selection on test).", ""]
+    if agg["labels"] and grid is not None:
+        lines += ["Arms as shown: " + "; ".join(f"{label} = `{arm}` (`{shlex.join(grid.axes[agg['arm_axis']][arm])}`)"
+                                                for arm, label in agg["labels"].items()) + ".", ""]
     lines += [markdown_table(agg, report.get("baseline")), ""]
     if agg["paired"]:
-        lines += [f"## Paired differences vs `{report.get('baseline')}`", "",
+        lines += [f"## Paired differences vs {shown(agg, agg['arm_axis'], report.get('baseline'))}", "",
                   "Each arm minus the baseline on the same seeds (only seeds both finished): mean and 95% Student-t "
                   "interval; \"no detectable effect\" when the interval covers 0.", "", paired_table(agg), ""]
         figures += forest_plots(agg, out)
@@ -996,6 +1040,10 @@ def cmd_report(args: argparse.Namespace) -> int:
               "<details><summary>Exact command of every run (working directory: the repository root)</summary>", "", "```"]
     lines += [f"{r['command']}" for r in sorted(results, key=lambda r: r["name"])]
     lines += ["```", "", "</details>", ""]
+    kept = hand_written_sections(out / "README.md")
+    if kept:
+        lines += kept + [""]
+        print(f"kept the hand-written '## Reading' section(s) of {out / 'README.md'}: check them against the new numbers")
     atomic_write(out / "README.md", "\n".join(lines))
     summary = {"group_axes": agg["group_axes"], "seed_axis": agg["seed_axis"],
                "rows": [{k: g[k] for k in ("cell", "runs", "status", "stats", "first_stats", "values", "first")}

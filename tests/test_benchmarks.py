@@ -325,6 +325,38 @@ def test_report_lists_unfinished_runs_and_milestones(tmp_path):
     assert json.loads((out / "arm-base__seed-1" / study.RESULT).read_text())["code_version"]["commit"]
 
 
+def test_labels_name_arms_and_a_hand_written_reading_survives_a_new_report(tmp_path, capsys):
+    grid = write_grid(tmp_path, report={"metrics": ["val_score"], "baseline": "base", "curve_metrics": ["validation_score"],
+                                        "labels": {"better": "emergence alpha 1.5"}})
+    out, report = tmp_path / "study", tmp_path / "report"
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "seed-(1|2)"]) == 0
+    assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
+    text = (report / "README.md").read_text()
+    assert "| emergence alpha 1.5 | 2 |" in text and "\n| better |" not in text        # tables show the label
+    assert "emergence alpha 1.5 = `better` (`--gain 2 --init emergence --alpha 1.5`)" in text
+    reading = "## Reading\n\nWritten by hand: alpha 1.5 wins here.\n\n```\n## not a heading\n```"
+    (report / "README.md").write_text(text + "\n" + reading + "\n\n## Commands of mine\ndropped\n")
+    assert study.main(["run", str(grid), "--out", str(out)]) == 0                  # seed 3 too: the numbers change
+    capsys.readouterr()
+    assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
+    assert "kept the hand-written '## Reading' section" in capsys.readouterr().out
+    again = (report / "README.md").read_text()
+    assert "| emergence alpha 1.5 | 3 |" in again and again.count(reading) == 1 and again.rstrip().endswith("```")
+    assert "## Not finished" not in again and "dropped" not in again
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ({"nope": "x"}, "report.labels: 'nope' is not a value of the arm axis 'arm' (base, better)"),
+    ({"base": ""}, "non-empty label"),
+    (["base"], "non-empty label"),
+])
+def test_bad_labels_are_one_line(tmp_path, capsys, labels, expected):
+    grid = write_grid(tmp_path, report={"labels": labels})
+    assert study.main(["run", str(grid), "--out", str(tmp_path / "o"), "--dry_run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err
+
+
 def test_stop_at_starts_only_runs_expected_to_finish_and_cuts_off_the_one_in_flight(tmp_path):
     import time
 
