@@ -46,8 +46,8 @@ result of status ``ok`` or ``diverged`` (exit code 3: the script stopped on a no
 ``failed`` and ``timeout`` runs are retried. Ctrl-C / SIGTERM stops the current run's process group and writes no
 result for it, so the study can be stopped at any time and restarted with the same command. Several workers may
 share one study folder (e.g. side by side on one GPU, with or without disjoint ``--only``): each run is claimed with a
-lock file holding the worker's pid (``OUT/RUN/.study_lock``), runs claimed by a live worker are skipped, and locks of
-dead workers are taken over. ``--max_runs`` counts the runs this worker executes.
+``flock`` on ``OUT/RUN/.study_lock`` (the file holds the worker's pid), runs claimed by a live worker are skipped, and
+a dead worker's claim ends with its process. ``--max_runs`` counts the runs this worker executes.
 
 **Deadlines** (device-sized chunks, ``benchmarks/gpu_study.sh``). With ``--stop_at T`` (Unix seconds) a worker
 starts a run only if it is expected to end by T: its expected wall time is the longest one recorded among finished
@@ -391,54 +391,73 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 LOCK = ".study_lock"
-#: A lock file without a pid this recent is being written by its owner (between its creation and the write).
-LOCK_GRACE_S = 30.0
+_HELD: dict[Path, int] = {}                # lock path -> the open, flock'ed descriptor of this process
 
 
 def acquire(run_dir: Path) -> bool:
-    """Claim a run for this process (a lock file holding our pid); False if a live process on this host holds it.
+    """Claim a run for this process: an exclusive ``flock`` on ``run_dir/.study_lock`` (which also holds our pid, for
+    people); False if another process holds it.
 
     Lets several ``study.py run`` workers share one study folder (even with the same --only): each run is done once.
-    A lock left by a dead process (killed worker) is taken over.
+    The kernel drops a dead worker's lock with its process, so a lock file left behind is simply locked again, and
+    of several workers taking it at once exactly one wins. The lock is held until ``release`` (or the worker's end).
     """
+    import fcntl
+
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
-            except FileNotFoundError:
-                continue                  # released meanwhile: try again
-            pid = int(text) if text.isdigit() else 0
-            if (pid and pid != os.getpid() and _alive(pid)) or (not pid and age < LOCK_GRACE_S):
-                return False              # held, or just created and its pid not written yet
-            lock.unlink(missing_ok=True)  # stale (its worker died): take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+    if lock in _HELD:
         return True
-    return False
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if not current:                    # its holder released and removed it after our open: lock the new file
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        _HELD[lock] = fd
+        return True
+
+
+def is_held(run_dir: Path) -> bool:
+    """Whether some process holds the run's lock (a lock file of a dead worker is not held)."""
+    import fcntl
+
+    lock = run_dir / LOCK
+    if lock in _HELD:
+        return True
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def release(run_dir: Path) -> None:
+    """Remove the run's lock file while still holding it (a worker that opened it meanwhile retries), then unlock."""
     lock = run_dir / LOCK
+    fd = _HELD.pop(lock, None)
+    if fd is None:
+        return
     try:
-        if lock.read_text().strip() == str(os.getpid()):
-            lock.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -835,7 +854,7 @@ def unfinished(grid: Optional["Grid"], results: list[dict[str, Any]], folder: Pa
         if state == "ok":
             continue
         if state is None:
-            state = "running" if (folder / name / LOCK).is_file() else "not run"
+            state = "running" if is_held(folder / name) else "not run"
         out.append((name, state))
     return out
 

@@ -249,27 +249,42 @@ def test_shipped_grid_cells_parse_with_their_script():
             module.parse_args(cell.args + ["--output_dir", "/tmp/unused"])
 
 
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
 def test_parallel_workers_share_a_study_folder(tmp_path):
-    """A run locked by a live worker is skipped; a lock left by a dead worker is taken over."""
+    """A run locked by a live worker is skipped; a lock file left by a dead worker is locked again."""
     import subprocess
 
     grid, out = write_grid(tmp_path), tmp_path / "study"
     busy, stale = out / "arm-base__seed-1", out / "arm-base__seed-2"
     busy.mkdir(parents=True)
     stale.mkdir(parents=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(busy / study.LOCK)], stdout=subprocess.PIPE, text=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        (busy / study.LOCK).write_text(str(sleeper.pid))
+        assert holder.stdout.readline().strip() == "held"
         (stale / study.LOCK).write_text(str(dead.pid))
+        assert study.is_held(busy) and not study.is_held(stale)
         assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-base"]) == 0
+        report = tmp_path / "report"
+        assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
+        assert "| `arm-base` | running | 1 |" in (report / "README.md").read_text()
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()
     assert not (busy / study.RESULT).exists() and (busy / study.LOCK).exists()
     assert study.is_finished(stale) and not (stale / study.LOCK).exists()
     assert study.is_finished(out / "arm-base__seed-3")
+    assert not study.is_held(busy)                                          # its holder died: free again
     # --max_runs counts runs executed, not runs skipped because another worker holds them
     assert study.main(["run", str(grid), "--out", str(out), "--max_runs", "1"]) == 0
     assert len([p for p in out.glob("*/study_result.json")]) == 3
@@ -381,19 +396,27 @@ def test_stop_at_starts_only_runs_expected_to_finish_and_cuts_off_the_one_in_fli
     assert res["status"] == "timeout" and time.monotonic() - t0 < 20 and not study.is_finished(out / "arm-better__seed-2")
 
 
-def test_a_lock_just_created_and_not_yet_written_is_held(tmp_path):
-    """Between its creation and the write of its pid a lock file is empty: another worker must not take it for a
-    dead worker's (both ran the same cell); an empty lock older than LOCK_GRACE_S is taken over."""
-    run_dir = tmp_path / "arm-base__seed-1"
-    run_dir.mkdir()
-    (run_dir / study.LOCK).write_text("")
-    assert not study.acquire(run_dir)
-    old = time.time() - study.LOCK_GRACE_S - 1
-    os.utime(run_dir / study.LOCK, (old, old))
+def test_of_workers_claiming_one_run_at_once_exactly_one_wins(tmp_path):
+    """Eight processes claim the same run at the same moment, over a lock file left by a dead worker: one gets it
+    (pid-file locks let two takers of a stale lock both run the cell)."""
+    import subprocess
+
+    run_dir = tmp_path / "study" / "arm-base__seed-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / study.LOCK).write_text("999999999")
+    claim = ("import sys, time; sys.path.insert(0, sys.argv[1]); import study; from pathlib import Path\n"
+             "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
+             "print(study.acquire(Path(sys.argv[2])), flush=True); sys.stdin.read()")   # holds until all answered
+    at = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", claim, str(ROOT / "benchmarks"), str(run_dir), at],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    got = [p.stdout.readline().strip() for p in procs]
+    for p in procs:
+        p.communicate(timeout=60)
+    assert sorted(got) == ["False"] * 7 + ["True"]
     assert study.acquire(run_dir) and (run_dir / study.LOCK).read_text() == str(os.getpid())
     study.release(run_dir)
-    assert not (run_dir / study.LOCK).exists()
-
+    assert not (run_dir / study.LOCK).exists() and not study.is_held(run_dir)
 
 def test_gpu_study_chunks_resume_from_the_carried_results(tmp_path):
     """Two device commands: the first packs its finished runs into one file; the second starts from that file
