@@ -415,6 +415,9 @@ def acquire(run_dir: Path) -> bool:
         except BlockingIOError:
             os.close(fd)
             return False
+        except OSError as err:             # e.g. a network filesystem without locks
+            os.close(fd)
+            raise GridError(f"{lock}: cannot lock it ({err.strerror}); put the study folder on a local filesystem") from None
         try:
             current = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

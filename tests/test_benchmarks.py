@@ -396,6 +396,21 @@ def test_stop_at_starts_only_runs_expected_to_finish_and_cuts_off_the_one_in_fli
     assert res["status"] == "timeout" and time.monotonic() - t0 < 20 and not study.is_finished(out / "arm-better__seed-2")
 
 
+def test_a_folder_that_cannot_be_locked_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    grid, out = write_grid(tmp_path), tmp_path / "study"
+    assert study.main(["run", str(grid), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {out / 'arm-base__seed-1' / study.LOCK}: cannot lock it ({os.strerror(errno.ENOLCK)}); "
+                   "put the study folder on a local filesystem") and invocations(out) == []
+
+
 def test_of_workers_claiming_one_run_at_once_exactly_one_wins(tmp_path):
     """Eight processes claim the same run at the same moment, over a lock file left by a dead worker: one gets it
     (pid-file locks let two takers of a stale lock both run the cell)."""
