@@ -28,7 +28,8 @@
         "curve_metrics": ["validation_bleu", "validation_loss"], "curve_x": "step",
         "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "validation_bleu", "mode": "max"}],
         "milestones": {"metric": "validation_bleu", "values": [10, 20, 30], "x": "step"},  # steps to reach each value
-        "labels": {"emergence_a1.2": "emergence alpha 1.2"}  # optional: how arms are shown in tables and plots
+        "labels": {"emergence_a1.2": "emergence alpha 1.2"},  # optional: how arms are shown in tables and plots
+        "contrasts": [["emergence_a1.5", "per_layer_lr_a1.5"]]  # optional: arms paired against each other
       }
     }
 
@@ -69,7 +70,8 @@ many runs. Cells of the grid without an ``ok`` result are listed by name and sta
 ±std band per arm, one PNG per group of the remaining axes; E / E_max at step 0 against alpha when runs logged
 ``emergence_normalised`` (vision ``--measure_emergence``); active fraction per layer when ``all_results`` holds a
 list ``active_fraction_per_layer``. ``labels`` names arms in tables and plots (the report lists each label's
-arm and arguments). A report folder's README is rewritten, except its ``## Reading...`` sections (written by hand),
+arm and arguments). ``contrasts`` pairs two arms against each other the same way (e.g. emergence against its
+per-layer-LR control), in a table of their own. A report folder's README is rewritten, except its ``## Reading...`` sections (written by hand),
 which are kept at its end.
 """
 
@@ -240,9 +242,13 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
     if not (isinstance(labels, dict) and all(isinstance(v, str) and v for v in labels.values())):
         raise fail('expected "report.labels": an object of arm value -> non-empty label')
     arm_axis = report.get("arm_axis", "arm" if "arm" in axes else None)
-    unknown = [k for k in labels if arm_axis is None or k not in axes[arm_axis]]
+    contrasts = report.get("contrasts", [])
+    if not (isinstance(contrasts, list) and all(isinstance(c, list) and len(c) == 2 and c[0] != c[1] for c in contrasts)):
+        raise fail('expected "report.contrasts": a list of [arm, other arm] pairs')
+    unknown = [k for k in list(labels) + [a for c in contrasts for a in c]
+               if arm_axis is None or k not in axes[arm_axis]]
     if unknown:
-        raise fail(f"report.labels: {unknown[0]!r} is not a value of the arm axis {arm_axis!r}"
+        raise fail(f"report.labels / contrasts: {unknown[0]!r} is not a value of the arm axis {arm_axis!r}"
                    + (f" ({', '.join(axes[arm_axis])})" if arm_axis else ""))
     env = raw.get("env", {})
     if not isinstance(env, dict):
@@ -675,8 +681,12 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
     # a selected row that picked the baseline itself pairs with itself (a difference of exactly 0): not listed
     chosen = [g for g in selected if not g["cell"][arm_axis].endswith(f"(= {report.get('baseline')})")]
     paired = paired_rows(rows + chosen, arm_axis, report.get("baseline"), group_axes)
+    contrasts = [r for arm, other in report.get("contrasts", []) if arm_axis
+                 for r in paired_rows([g for g in rows if g["cell"][arm_axis] in (arm, other)], arm_axis, other,
+                                      group_axes)]
     return {"group_axes": group_axes, "seed_axis": seed_axis, "arm_axis": arm_axis, "metrics": metrics,
             "first_epoch_metrics": first_names, "rows": rows, "selected": selected, "paired": paired,
+            "contrasts": contrasts,
             "milestones": report.get("milestones"), "labels": report.get("labels", {})}
 
 
@@ -768,16 +778,19 @@ def markdown_table(agg: dict[str, Any], baseline: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
-def paired_table(agg: dict[str, Any]) -> str:
-    """Markdown: every arm's paired difference against the baseline, with its 95% interval and reading."""
+def paired_table(agg: dict[str, Any], key: str = "paired") -> str:
+    """Markdown: every arm's paired difference against the baseline (``key="contrasts"``: against the other arm of
+    its contrast, named in the ``vs`` column), with its 95% interval and reading."""
     axes = agg["group_axes"]
-    lines = ["| " + " | ".join(axes + ["metric", "pairs", "Δ mean [95% CI]", "reading"]) + " |",
-             "|" + "---|" * (len(axes) + 4)]
-    for r in agg["paired"]:
+    vs = ["vs"] if key == "contrasts" else []
+    lines = ["| " + " | ".join(axes + vs + ["metric", "pairs", "Δ mean [95% CI]", "reading"]) + " |",
+             "|" + "---|" * (len(axes) + len(vs) + 4)]
+    for r in agg[key]:
         d = _digits(r["metric"])
         interval = (f"{r['mean']:+.{d}f} [{r['low']:+.{d}f}, {r['high']:+.{d}f}]" if r["n"] > 1
                     else f"{r['mean']:+.{d}f}")
-        lines.append("| " + " | ".join([shown(agg, a, r["cell"][a]) for a in axes] + [f"{r['kind']}: {r['metric']}", str(r["n"]),
+        lines.append("| " + " | ".join([shown(agg, a, r["cell"][a]) for a in axes]
+                                        + [shown(agg, agg["arm_axis"], r["baseline"])] * len(vs) + [f"{r['kind']}: {r['metric']}", str(r["n"]),
                                                                           interval, r["verdict"]]) + " |")
     return "\n".join(lines)
 
@@ -1049,6 +1062,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                   "Each arm minus the baseline on the same seeds (only seeds both finished): mean and 95% Student-t "
                   "interval; \"no detectable effect\" when the interval covers 0.", "", paired_table(agg), ""]
         figures += forest_plots(agg, out)
+    if agg["contrasts"]:
+        lines += ["## Contrasts", "", "Arms against each other (`report.contrasts`), paired by seed in the same way: "
+                  "the first arm minus the `vs` arm.", "", paired_table(agg, "contrasts"), ""]
     milestones = milestone_table(agg)
     if milestones:
         lines += ["## Steps to reach", "", milestones, ""]
@@ -1071,7 +1087,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                "rows": [{k: g[k] for k in ("cell", "runs", "status", "stats", "first_stats", "values", "first")}
                         for g in agg["rows"]],
                "selected": [{k: g[k] for k in ("cell", "stats", "first_stats", "selected_by")} for g in agg["selected"]],
-               "paired": agg["paired"], "unfinished": [{"name": n, "state": s} for n, s in missing],
+               "paired": agg["paired"], "contrasts": agg["contrasts"], "unfinished": [{"name": n, "state": s} for n, s in missing],
                "milestones": {"spec": agg["milestones"], "rows": [{"cell": g["cell"], "steps": g["milestones"]}
                                                                    for g in agg["rows"]]}}
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))

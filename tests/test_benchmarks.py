@@ -321,6 +321,25 @@ def test_paired_differences_match_a_hand_computed_t_interval(tmp_path):
     assert "no detectable effect" in text and "| shifted | final: val | 3 |" in text
 
 
+def test_contrasts_pair_two_arms_against_each_other():
+    def run(arm, seed, v):
+        return {"name": f"arm-{arm}__seed-{seed}", "axes": ["arm", "seed"], "cell": {"arm": arm, "seed": str(seed)},
+                "status": "ok", "all_results": {"val": v}, "curve": []}
+
+    emergence, control = {1: 11.0, 2: 12.5, 3: 11.9}, {1: 11.2, 2: 12.0, 3: 11.1, 4: 13.0}
+    results = ([run("base", s, 10.0) for s in (1, 2, 3, 4)] + [run("emergence", s, v) for s, v in emergence.items()]
+               + [run("control", s, v) for s, v in control.items()])
+    agg = study.aggregate(results, {"metrics": ["val"], "baseline": "base", "contrasts": [["emergence", "control"]],
+                                    "labels": {"control": "per-layer LR"}})
+    [row] = agg["contrasts"]
+    d = np.array([emergence[s] - control[s] for s in (1, 2, 3)])                 # seed 4: control only, not paired
+    half = 4.3026527 * d.std(ddof=1) / np.sqrt(3)
+    assert row["n"] == 3 and row["baseline"] == "control" and row["cell"]["arm"] == "emergence"
+    assert row["mean"] == pytest.approx(d.mean()) and row["high"] == pytest.approx(d.mean() + half, abs=1e-6)
+    assert len(agg["paired"]) == 2                                               # vs base: unchanged
+    assert f"| emergence | per-layer LR | final: val | 3 | {d.mean():+.2f} [" in study.paired_table(agg, "contrasts")
+
+
 def test_report_lists_unfinished_runs_and_milestones(tmp_path):
     grid = write_grid(tmp_path, report={"metrics": ["val_score"], "baseline": "base",
                                         "milestones": {"metric": "validation_score", "values": [5, 15]}})
@@ -342,13 +361,14 @@ def test_report_lists_unfinished_runs_and_milestones(tmp_path):
 
 def test_labels_name_arms_and_a_hand_written_reading_survives_a_new_report(tmp_path, capsys):
     grid = write_grid(tmp_path, report={"metrics": ["val_score"], "baseline": "base", "curve_metrics": ["validation_score"],
-                                        "labels": {"better": "emergence alpha 1.5"}})
+                                        "labels": {"better": "emergence alpha 1.5"}, "contrasts": [["base", "better"]]})
     out, report = tmp_path / "study", tmp_path / "report"
     assert study.main(["run", str(grid), "--out", str(out), "--only", "seed-(1|2)"]) == 0
     assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
     text = (report / "README.md").read_text()
     assert "| emergence alpha 1.5 | 2 |" in text and "\n| better |" not in text        # tables show the label
     assert "emergence alpha 1.5 = `better` (`--gain 2 --init emergence --alpha 1.5`)" in text
+    assert "## Contrasts" in text and "| base | emergence alpha 1.5 | final: val_score | 2 | -10.00 [" in text
     reading = "## Reading\n\nWritten by hand: alpha 1.5 wins here.\n\n```\n## not a heading\n```"
     (report / "README.md").write_text(text + "\n" + reading + "\n\n## Commands of mine\ndropped\n")
     assert study.main(["run", str(grid), "--out", str(out)]) == 0                  # seed 3 too: the numbers change
@@ -361,12 +381,15 @@ def test_labels_name_arms_and_a_hand_written_reading_survives_a_new_report(tmp_p
 
 
 @pytest.mark.parametrize("labels, expected", [
-    ({"nope": "x"}, "report.labels: 'nope' is not a value of the arm axis 'arm' (base, better)"),
+    ({"nope": "x"}, "report.labels / contrasts: 'nope' is not a value of the arm axis 'arm' (base, better)"),
     ({"base": ""}, "non-empty label"),
     (["base"], "non-empty label"),
+    ({"contrasts": [["better", "worse"]]}, "report.labels / contrasts: 'worse' is not a value of the arm axis"),
+    ({"contrasts": [["better", "better"]]}, "a list of [arm, other arm] pairs"),
+    ({"contrasts": ["better"]}, "a list of [arm, other arm] pairs"),
 ])
 def test_bad_labels_are_one_line(tmp_path, capsys, labels, expected):
-    grid = write_grid(tmp_path, report={"labels": labels})
+    grid = write_grid(tmp_path, report=labels if "contrasts" in labels else {"labels": labels})
     assert study.main(["run", str(grid), "--out", str(tmp_path / "o"), "--dry_run"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and expected in err
