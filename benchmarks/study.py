@@ -26,7 +26,7 @@
         "metrics": ["validation_bleu", "test_bleu"],         # final metrics (all_results.json or the final record)
         "first_epoch_metrics": ["validation_bleu"],          # taken from the first evaluation logged with epoch >= 1
         "curve_metrics": ["validation_bleu", "validation_loss"], "curve_x": "step",
-        "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "validation_bleu", "mode": "max"}],
+        "select": [{"name": "warmup_tuned", "arms": ["xavier", "warmup_*"], "by": "validation_bleu", "mode": "max"}],
         "milestones": {"metric": "validation_bleu", "values": [10, 20, 30], "x": "step"},  # steps to reach each value
         "labels": {"emergence_a1.2": "emergence alpha 1.2"},  # optional: how arms are shown in tables and plots
         "contrasts": [["emergence_a1.5", "per_layer_lr_a1.5"]]  # optional: arms paired against each other
@@ -236,8 +236,11 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
         if key in report and report[key] not in axes:
             raise fail(f"report.{key} {report[key]!r} is not an axis ({', '.join(axes)})")
     for i, sel in enumerate(report.get("select", [])):
-        if not (isinstance(sel, dict) and {"name", "arms", "by"} <= set(sel) and sel.get("mode", "max") in ("max", "min")):
-            raise fail(f'report.select[{i}]: expected {{"name": ..., "arms": "glob", "by": "metric", "mode": "max"|"min"}}')
+        globs = sel.get("arms") if isinstance(sel, dict) else None
+        if not (isinstance(sel, dict) and {"name", "arms", "by"} <= set(sel) and sel.get("mode", "max") in ("max", "min")
+                and (isinstance(globs, str) or (isinstance(globs, list) and globs and all(isinstance(x, str) for x in globs)))):
+            raise fail(f'report.select[{i}]: expected {{"name": ..., "arms": "glob" or ["glob", ...], "by": "metric", '
+                       '"mode": "max"|"min"}')
     labels = report.get("labels", {})
     if not (isinstance(labels, dict) and all(isinstance(v, str) and v for v in labels.values())):
         raise fail('expected "report.labels": an object of arm value -> non-empty label')
@@ -672,7 +675,9 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
         others = [a for a in group_axes if a != arm_axis]
         for key in dict.fromkeys(tuple(g["cell"][a] for a in others) for g in rows):
             cands = [g for g in rows if tuple(g["cell"][a] for a in others) == key
-                     and fnmatch.fnmatchcase(g["cell"][arm_axis], sel["arms"]) and sel["by"] in g["stats"]]
+                     and any(fnmatch.fnmatchcase(g["cell"][arm_axis], glob) for glob in
+                             ([sel["arms"]] if isinstance(sel["arms"], str) else sel["arms"]))
+                     and sel["by"] in g["stats"]]
             if len(cands) < 2:                  # one finished candidate is no choice: no row claims it was tuned
                 continue
             pick = (max if sel.get("mode", "max") == "max" else min)(cands, key=lambda g: g["stats"][sel["by"]]["mean"])

@@ -201,6 +201,9 @@ def test_first_epoch_from_curve_and_select(tmp_path):
     agg = study.aggregate(results, {"metrics": ["val"], "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "val"}]})
     assert [s["cell"]["arm"] for s in agg["selected"]] == ["warmup_tuned (= warmup_100)"]
     assert agg["selected"][0]["stats"]["val"]["mean"] == 5.5
+    # a list of globs: the candidates are the arms matching any of them
+    agg = study.aggregate(results, {"metrics": ["val"], "select": [{"name": "t", "arms": ["xavier", "warmup_0"], "by": "val"}]})
+    assert [s["cell"]["arm"] for s in agg["selected"]] == ["t (= xavier)"]
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -214,6 +217,8 @@ def test_first_epoch_from_curve_and_select(tmp_path):
     ('{"script": "x.py", "common_args": ["{data_root}"], "axes": {"seed": [1]}}', "uses {data_root}"),
     ('{"script": "x.py", "axes": {"seed": [1]}, "exclude": [{"nope": "*"}]}', '"exclude"'),
     ('{"script": "x.py", "axes": {"seed": [1]}, "exclude": [{"seed": "*"}]}', "leave no cell"),
+    ('{"script": "x.py", "axes": {"seed": [1]}, "report": {"select": [{"name": "t", "arms": [], "by": "v"}]}}',
+     'report.select[0]: expected {"name": ..., "arms": "glob" or ["glob", ...]'),
 ])
 def test_bad_grid_is_one_line_naming_the_file(tmp_path, capsys, content, expected):
     path = tmp_path / "bad.json"
