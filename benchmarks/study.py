@@ -29,7 +29,8 @@
         "select": [{"name": "warmup_tuned", "arms": ["xavier", "warmup_*"], "by": "validation_bleu", "mode": "max"}],
         "milestones": {"metric": "validation_bleu", "values": [10, 20, 30], "x": "step"},  # steps to reach each value
         "labels": {"emergence_a1.2": "emergence alpha 1.2"},  # optional: how arms are shown in tables and plots
-        "contrasts": [["emergence_a1.5", "per_layer_lr_a1.5"]]  # optional: arms paired against each other
+        "contrasts": [["emergence_a1.5", "per_layer_lr_a1.5"]],  # optional: arms paired against each other
+        "lower_is_better": ["fit_epoch"]                     # optional: read as better when lower (besides *loss*)
       }
     }
 
@@ -241,6 +242,9 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
                 and (isinstance(globs, str) or (isinstance(globs, list) and globs and all(isinstance(x, str) for x in globs)))):
             raise fail(f'report.select[{i}]: expected {{"name": ..., "arms": "glob" or ["glob", ...], "by": "metric", '
                        '"mode": "max"|"min"}')
+    lower = report.get("lower_is_better", [])
+    if not (isinstance(lower, list) and all(isinstance(m, str) for m in lower)):
+        raise fail('expected "report.lower_is_better": a list of metric names (e.g. ["fit_epoch"])')
     labels = report.get("labels", {})
     if not (isinstance(labels, dict) and all(isinstance(v, str) and v for v in labels.values())):
         raise fail('expected "report.labels": an object of arm value -> non-empty label')
@@ -685,10 +689,11 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
                              "selected_by": sel["by"]})
     # a selected row that picked the baseline itself pairs with itself (a difference of exactly 0): not listed
     chosen = [g for g in selected if not g["cell"][arm_axis].endswith(f"(= {report.get('baseline')})")]
-    paired = paired_rows(rows + chosen, arm_axis, report.get("baseline"), group_axes)
+    lower = report.get("lower_is_better", [])
+    paired = paired_rows(rows + chosen, arm_axis, report.get("baseline"), group_axes, lower)
     contrasts = [r for arm, other in report.get("contrasts", []) if arm_axis
                  for r in paired_rows([g for g in rows if g["cell"][arm_axis] in (arm, other)], arm_axis, other,
-                                      group_axes)]
+                                      group_axes, lower)]
     return {"group_axes": group_axes, "seed_axis": seed_axis, "arm_axis": arm_axis, "metrics": metrics,
             "first_epoch_metrics": first_names, "rows": rows, "selected": selected, "paired": paired,
             "contrasts": contrasts,
@@ -723,9 +728,10 @@ def milestone_steps(res: dict[str, Any], spec: Optional[dict[str, Any]]) -> dict
 
 
 def paired_rows(rows: list[dict[str, Any]], arm_axis: Optional[str], baseline: Optional[str],
-                group_axes: Sequence[str]) -> list[dict[str, Any]]:
+                group_axes: Sequence[str], lower_is_better: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One row per (group, metric): the arm's paired difference against the baseline arm of the same other axes,
-    over the seeds both finished (final metrics and first-epoch metrics)."""
+    over the seeds both finished (final metrics and first-epoch metrics). A metric reads "better" when it is lower
+    if its name holds "loss" or it is listed in ``lower_is_better`` (e.g. ``fit_epoch``), else when it is higher."""
     if not (arm_axis and baseline):
         return []
     others = [a for a in group_axes if a != arm_axis]
@@ -737,7 +743,7 @@ def paired_rows(rows: list[dict[str, Any]], arm_axis: Optional[str], baseline: O
             continue
         for kind, key in (("final", "by_seed"), ("epoch 1", "first_by_seed")):
             for m, values in g[key].items():
-                diff = paired_difference(values, ref[key].get(m, {}), lower_is_better="loss" in m)
+                diff = paired_difference(values, ref[key].get(m, {}), lower_is_better="loss" in m or m in lower_is_better)
                 if diff is not None:
                     out.append({"cell": g["cell"], "baseline": baseline, "metric": m, "kind": kind, **diff.to_dict()})
     return out

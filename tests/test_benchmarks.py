@@ -342,7 +342,11 @@ def test_contrasts_pair_two_arms_against_each_other():
     assert row["n"] == 3 and row["baseline"] == "control" and row["cell"]["arm"] == "emergence"
     assert row["mean"] == pytest.approx(d.mean()) and row["high"] == pytest.approx(d.mean() + half, abs=1e-6)
     assert len(agg["paired"]) == 2                                               # vs base: unchanged
+    verdict = {r["cell"]["arm"]: r["verdict"] for r in agg["paired"]}
+    assert verdict == {"emergence": "no detectable effect", "control": "better"}   # 11.1-13.0 vs 10.0 over 4 seeds
     assert f"| emergence | per-layer LR | final: val | 3 | {d.mean():+.2f} [" in study.paired_table(agg, "contrasts")
+    agg = study.aggregate(results, {"metrics": ["val"], "baseline": "base", "lower_is_better": ["val"]})
+    assert {r["cell"]["arm"]: r["verdict"] for r in agg["paired"]}["control"] == "worse"   # read lower-is-better
 
 
 def test_report_lists_unfinished_runs_and_milestones(tmp_path):
@@ -392,6 +396,7 @@ def test_labels_name_arms_and_a_hand_written_reading_survives_a_new_report(tmp_p
     ({"contrasts": [["better", "worse"]]}, "report.labels / contrasts: 'worse' is not a value of the arm axis"),
     ({"contrasts": [["better", "better"]]}, "a list of [arm, other arm] pairs"),
     ({"contrasts": ["better"]}, "a list of [arm, other arm] pairs"),
+    ({"contrasts": [], "lower_is_better": "fit_epoch"}, '"report.lower_is_better": a list of metric names'),
 ])
 def test_bad_labels_are_one_line(tmp_path, capsys, labels, expected):
     grid = write_grid(tmp_path, report=labels if "contrasts" in labels else {"labels": labels})
