@@ -160,6 +160,12 @@ class Grid:
         return out
 
 
+def report_axis(report: dict[str, Any], key: str, axes: Sequence[str]) -> Optional[str]:
+    """``report["seed_axis"]`` / ``report["arm_axis"]`` as given, else the axis named ``seed`` / ``arm`` if there is one."""
+    name = key.removesuffix("_axis")
+    return report.get(key, name if name in axes else None)
+
+
 def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = None) -> Grid:
     """Read and validate a grid file; any problem is a GridError naming the file and what was expected."""
     p = Path(path)
@@ -248,7 +254,7 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
     labels = report.get("labels", {})
     if not (isinstance(labels, dict) and all(isinstance(v, str) and v for v in labels.values())):
         raise fail('expected "report.labels": an object of arm value -> non-empty label')
-    arm_axis = report.get("arm_axis", "arm" if "arm" in axes else None)
+    arm_axis = report_axis(report, "arm_axis", axes)
     contrasts = report.get("contrasts", [])
     if not (isinstance(contrasts, list) and all(isinstance(c, list) and len(c) == 2 and c[0] != c[1] for c in contrasts)):
         raise fail('expected "report.contrasts": a list of [arm, other arm] pairs')
@@ -485,8 +491,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise GridError(f"{args.grid}: --only {args.only!r} matches none of the {len(grid.cells())} runs")
     pending = [c for c in cells if not is_finished(out / c.name)]
     finished = len(cells) - len(pending)
-    seed_axis = grid.report.get("seed_axis", "seed" if "seed" in grid.axes else None)
-    arm_axis = grid.report.get("arm_axis", "arm" if "arm" in grid.axes else None)
+    seed_axis, arm_axis = report_axis(grid.report, "seed_axis", grid.axes), report_axis(grid.report, "arm_axis", grid.axes)
     if args.max_runs is not None and args.dry_run:
         pending = pending[: args.max_runs]
     if args.dry_run:
@@ -643,7 +648,7 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
     if not results:
         raise GridError("no study_result.json found (run `study.py run` first)")
     axes = results[0]["axes"]
-    seed_axis = report.get("seed_axis", "seed" if "seed" in axes else None)
+    seed_axis = report_axis(report, "seed_axis", axes)
     group_axes = [a for a in axes if a != seed_axis]
     finals = [final_metrics(r) for r in results]
     metrics = report.get("metrics") or sorted({k for r in results for k in numeric(r.get("all_results"))})
@@ -674,7 +679,7 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
     order = value_order(results, group_axes)
     rows = sorted(groups.values(), key=lambda g: tuple(order[a].index(g["cell"][a]) for a in group_axes))
     selected = []
-    arm_axis = report.get("arm_axis", "arm" if "arm" in group_axes else None)
+    arm_axis = report_axis(report, "arm_axis", group_axes)
     for sel in report.get("select", []) if arm_axis else []:
         others = [a for a in group_axes if a != arm_axis]
         for key in dict.fromkeys(tuple(g["cell"][a] for a in others) for g in rows):
@@ -800,9 +805,9 @@ def paired_table(agg: dict[str, Any], key: str = "paired") -> str:
         d = _digits(r["metric"])
         interval = (f"{r['mean']:+.{d}f} [{r['low']:+.{d}f}, {r['high']:+.{d}f}]" if r["n"] > 1
                     else f"{r['mean']:+.{d}f}")
-        lines.append("| " + " | ".join([shown(agg, a, r["cell"][a]) for a in axes]
-                                        + [shown(agg, agg["arm_axis"], r["baseline"])] * len(vs) + [f"{r['kind']}: {r['metric']}", str(r["n"]),
-                                                                          interval, r["verdict"]]) + " |")
+        cells = [shown(agg, a, r["cell"][a]) for a in axes] + [shown(agg, agg["arm_axis"], r["baseline"])] * len(vs)
+        cells += [f"{r['kind']}: {r['metric']}", str(r["n"]), interval, r["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
