@@ -252,6 +252,10 @@ def add_init_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--per_layer_lr_from_plan", action="store_true",
                    help="control: give each planned tensor the learning rate the emergence plan implies, "
                         "lr*alpha**(-2k) for SGD and lr*alpha**(-k) for AdamW, whatever --init is")
+    g.add_argument("--per_layer_weight_decay_from_plan", action="store_true",
+                   help="with --per_layer_lr_from_plan: scale each planned tensor's weight decay the other way "
+                        "(wd*alpha**(2k) for SGD, wd*alpha**k for AdamW; lr*wd unchanged), so that a scale-invariant "
+                        "layer follows the emergence trajectory exactly under weight decay too")
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, learning_rate: float, epochs: float,
@@ -362,6 +366,8 @@ def check_common_args(args: argparse.Namespace) -> None:
     if getattr(args, "nesterov", False) and (args.optimizer != "sgd" or args.momentum == 0):
         raise UsageError(f"--nesterov needs --optimizer sgd with --momentum > 0, got --optimizer {args.optimizer} "
                          f"--momentum {args.momentum}")
+    if getattr(args, "per_layer_weight_decay_from_plan", False) and not args.per_layer_lr_from_plan:
+        raise UsageError("--per_layer_weight_decay_from_plan needs --per_layer_lr_from_plan")
     if args.push_to_hub and not args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id (e.g. your-name/marian-emergence)")
     if args.per_device_eval_batch_size is None:
@@ -628,18 +634,23 @@ def first_line(err: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------- optimisation
 def make_optimizer(model: nn.Module, args: argparse.Namespace, plan: Optional[EmergencePlan] = None) -> torch.optim.Optimizer:
-    """AdamW or SGD; no weight decay on 1-D tensors (biases, norms). With ``plan`` (the per-layer-LR control),
-    a planned tensor with factor c = alpha**k gets lr / c**2 under SGD and lr / c under AdamW, the learning
-    rates under which the base init follows the emergence-init trajectory of a scale-invariant layer."""
+    """AdamW or SGD; no weight decay on 1-D tensors (biases, norms).
+
+    With ``plan`` (the per-layer-LR control), a planned tensor with factor c = alpha**k gets lr / c**p, p = 2 under
+    SGD and 1 under AdamW. If a layer is scale-invariant (L(cW) = L(W), e.g. followed by BatchNorm), the emergence
+    init's cW under lr moves as c times the base init's W under lr / c**p: the gradient at cW is grad / c, and
+    Adam's update does not depend on the gradient's scale. Weight decay keeps that identity only when it is scaled
+    the other way, wd * c**p (``--per_layer_weight_decay_from_plan``): the decay step lr * wd * W is then the same.
+    """
     factors = plan.factors() if plan is not None else {}
     power = 2 if args.optimizer == "sgd" else 1
+    decay_follows = getattr(args, "per_layer_weight_decay_from_plan", False)
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = (p.ndim >= 2, factors.get(name, 1.0) ** -power)
-        groups.setdefault(key, []).append(p)
-    param_groups = [{"params": ps, "weight_decay": args.weight_decay if decay else 0.0, "lr": args.learning_rate * scale}
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, factors.get(name, 1.0) ** -power), []).append(p)
+    param_groups = [{"params": ps, "lr": args.learning_rate * scale,
+                     "weight_decay": (args.weight_decay / (scale if decay_follows else 1.0)) if decay else 0.0}
                     for (decay, scale), ps in sorted(groups.items())]
     # the fused kernels (one pass over each tensor) are several times faster than the default per-op AdamW on CPU and
     # GPU (docs/results/throughput_translation), same update rule; they also skip a step on the device when told that

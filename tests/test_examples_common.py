@@ -4,6 +4,7 @@ checkpoints, metrics log, divergence guard, CLI error handling), tested directly
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -247,6 +248,52 @@ def test_make_optimizer_groups(optimizer, power):
         assert isinstance(opt, torch.optim.AdamW) and all(g["betas"] == (0.9, 0.98) for g in opt.param_groups)
     plain = common.make_optimizer(model, args)
     assert {g["lr"] for g in plain.param_groups} == {0.01} and len(plain.param_groups) == 2
+
+
+class _ScaleInvariantMlp(nn.Sequential):
+    """Every planned Linear is followed by BatchNorm (eps ~ 0), so the loss does not change when its weight is scaled."""
+    def __init__(self):
+        super().__init__(*[m for i, o in [(6, 8), (8, 8), (8, 8), (8, 3)]
+                           for m in (nn.Linear(i, o, bias=False), nn.BatchNorm1d(o, eps=1e-30), nn.ReLU())][:-1])
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 6) -> None:
+    for group in opt.param_groups:
+        if "eps" in group:       # Adam's eps is the one term that sees the gradient's scale (c * eps / sqrt(v)): ~0
+            group["eps"] = 1e-16
+    data = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(16, 6, generator=data, dtype=torch.float64), torch.randint(0, 3, (16,), generator=data)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_per_layer_lr_and_weight_decay_follow_the_emergence_trajectory(optimizer):
+    """The control's claim, checked: on a scale-invariant net, the base init under the plan's per-layer lr and
+    weight decay stays exactly 1/c times the emergence init's weights under the plain optimizer; with the plan's
+    lr alone, weight decay makes the two trajectories part."""
+    torch.manual_seed(0)
+    base = _ScaleInvariantMlp().double()
+    plan = EmergenceInit(alpha=1.5, base_init="keep").plan(base)
+    factors = plan.factors()
+    assert len(factors) == 4 and {round(f, 6) for f in factors.values()} == {round(1.5 ** k, 6) for k in (-2, -1, 1, 2)}
+    emergence = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in emergence.named_parameters():
+            p.mul_(factors.get(name, 1.0))
+    flags = ["--optimizer", optimizer, "--learning_rate", "0.05", "--weight_decay", "0.1", "--momentum", "0.9"]
+    _train(emergence, common.make_optimizer(emergence, _args(*flags)))
+    for decay_follows in (True, False):
+        control = copy.deepcopy(base)
+        args = _args(*flags, "--per_layer_lr_from_plan", *(["--per_layer_weight_decay_from_plan"] * decay_follows))
+        _train(control, common.make_optimizer(control, args, plan))
+        got = dict(control.named_parameters())
+        same = [torch.allclose(got[n] * factors.get(n, 1.0), p, rtol=1e-9, atol=0) for n, p in emergence.named_parameters()]
+        assert all(same) if decay_follows else not all(same), (optimizer, decay_follows, same)
+    with pytest.raises(UsageError, match="^--per_layer_weight_decay_from_plan needs --per_layer_lr_from_plan$"):
+        common.check_common_args(_args("--per_layer_weight_decay_from_plan"))
 
 
 def test_make_scheduler_counts_steps_of_every_process():
