@@ -691,9 +691,9 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
                 continue
             pick = (max if sel.get("mode", "max") == "max" else min)(cands, key=lambda g: g["stats"][sel["by"]]["mean"])
             selected.append({**pick, "cell": {**pick["cell"], arm_axis: f"{sel['name']} (= {pick['cell'][arm_axis]})"},
-                             "selected_by": sel["by"]})
+                             "selected_by": sel["by"], "select": sel["name"], "picked": pick["cell"][arm_axis]})
     # a selected row that picked the baseline itself pairs with itself (a difference of exactly 0): not listed
-    chosen = [g for g in selected if not g["cell"][arm_axis].endswith(f"(= {report.get('baseline')})")]
+    chosen = [g for g in selected if g["picked"] != report.get("baseline")]
     lower = report.get("lower_is_better", [])
     paired = paired_rows(rows + chosen, arm_axis, report.get("baseline"), group_axes, lower)
     contrasts = [r for arm, other in report.get("contrasts", []) if arm_axis
@@ -702,7 +702,8 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
     return {"group_axes": group_axes, "seed_axis": seed_axis, "arm_axis": arm_axis, "metrics": metrics,
             "first_epoch_metrics": first_names, "rows": rows, "selected": selected, "paired": paired,
             "contrasts": contrasts,
-            "milestones": report.get("milestones"), "labels": report.get("labels", {})}
+            "milestones": report.get("milestones"), "labels": report.get("labels", {}),
+            "picks": {g["cell"][arm_axis]: (g["select"], g["picked"]) for g in selected}}
 
 
 def shown(agg: dict[str, Any], axis: str, value: str) -> str:
@@ -711,9 +712,9 @@ def shown(agg: dict[str, Any], axis: str, value: str) -> str:
     labels = agg.get("labels") or {}
     if axis != agg.get("arm_axis") or not labels:
         return value
-    m = re.fullmatch(r"(.*) \(= (.*)\)", value)
-    if m and m.group(2) in labels:
-        return f"{m.group(1)} (= {labels[m.group(2)]})"
+    if value in agg.get("picks", {}):
+        name, picked = agg["picks"][value]
+        return f"{name} (= {labels.get(picked, picked)})"
     return labels.get(value, value)
 
 
