@@ -523,6 +523,9 @@ def test_a_select_row_that_picks_the_baseline_is_not_paired_with_itself():
     agg = study.aggregate(results, spec)
     assert [r["cell"]["arm"] for r in agg["paired"]] == ["base_warmup", "tuned (= base_warmup)"]
     assert agg["paired"][1]["mean"] == pytest.approx(1.0)
+    agg = study.aggregate(results, {**spec, "labels": {"base_warmup": "warm-up (100)", "base": "Kaiming"}})
+    assert [study.shown(agg, "arm", r["cell"]["arm"]) for r in agg["paired"]] == ["warm-up (100)", "tuned (= warm-up (100))"]
+    assert study.shown(agg, "arm", "tuned (= nothing)") == "tuned (= nothing)"       # not a select row: left as is
     agg = study.aggregate([run("base", s, 10.0 + s) for s in (1, 2, 3)], spec)     # only one candidate has run
     assert agg["selected"] == [] and agg["paired"] == []
 
