@@ -917,6 +917,22 @@ def _alpha_of(args: Sequence[str]) -> Optional[float]:
     return None
 
 
+def mean_curve(series: list[dict[float, float]]) -> tuple[Any, Any, Any, Any]:
+    """Runs' curves ({x: value}) on the union of their x: (x, mean, std, count), mean and std over the runs that
+    have a point there (std 0 where only one has). Runs that stop early (trained until fit) leave the later means
+    to the runs still going, which ``count`` says."""
+    import numpy as np
+
+    xs = np.array(sorted(set().union(*series)), dtype=float)
+    vals = np.array([[s.get(x, np.nan) for x in xs] for s in series], dtype=float)
+    count = (~np.isnan(vals)).sum(0)
+    mean = np.nanmean(vals, 0)
+    std = np.zeros_like(mean)
+    many = count > 1
+    std[many] = np.nanstd(vals[:, many], 0, ddof=1)
+    return xs, mean, std, count
+
+
 def plots(results: list[dict[str, Any]], agg: dict[str, Any], report: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -952,17 +968,19 @@ def plots(results: list[dict[str, Any]], agg: dict[str, Any], report: dict[str, 
                         series.append(pts)
                 if not series:
                     continue
-                xs = sorted(set.intersection(*(set(s) for s in series))) or sorted(set.union(*(set(s) for s in series)))
-                vals = np.array([[s.get(x, np.nan) for x in xs] for s in series], dtype=float)
-                mean = np.nanmean(vals, 0)
-                std = np.nanstd(vals, 0, ddof=1) if len(series) > 1 else np.zeros_like(mean)
-                line, = ax.plot(xs, mean, marker=".", label=f"{shown(agg, arm_axis, arm) if arm_axis else arm} (n={len(series)})")
-                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+                xs, mean, std, count = mean_curve(series)
+                every = count == len(series)               # solid where every seed has a point, dotted where some do
+                some = count >= min(2, len(series))
+                label = f"{shown(agg, arm_axis, arm) if arm_axis else arm} (n={len(series)})"
+                line, = ax.plot(xs[every], mean[every], marker=".", label=label)
+                ax.plot(xs[some], mean[some], ":", color=line.get_color(), label=None if every.any() else label)
+                ax.fill_between(xs[some], (mean - std)[some], (mean + std)[some], color=line.get_color(), alpha=0.2)
             ax.set_xlabel(x_key)
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         axs[0][0].legend(fontsize=7)
-        written.append(save_panel(fig, out, "curves", panel_axes, panel, f"mean ± std over {seed_axis or 'runs'}"))
+        written.append(save_panel(fig, out, "curves", panel_axes, panel,
+                                  f"mean ± std over {seed_axis or 'runs'}; dotted: only the runs that got that far"))
 
     # E / E_max at initialisation against alpha (runs that logged emergence_normalised at step 0).
     pts = []

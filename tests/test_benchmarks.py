@@ -509,6 +509,12 @@ def test_gpu_study_chunks_resume_from_the_carried_results(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: WORKERS must be a whole number, got 'two'"
 
 
+def test_mean_curve_keeps_the_runs_that_got_further():
+    xs, mean, std, count = study.mean_curve([{1: 0.2, 2: 0.4, 3: 0.6}, {1: 0.4, 2: 0.6}, {1: 0.3, 2: 0.5, 3: 0.8, 4: 0.9}])
+    assert xs.tolist() == [1, 2, 3, 4] and count.tolist() == [3, 3, 2, 1]
+    assert mean == pytest.approx([0.3, 0.5, 0.7, 0.9]) and std == pytest.approx([0.1, 0.1, 0.1414214, 0.0])
+
+
 def test_a_select_row_that_picks_the_baseline_is_not_paired_with_itself():
     def run(arm, seed, v):
         return {"name": f"arm-{arm}__seed-{seed}", "axes": ["arm", "seed"], "cell": {"arm": arm, "seed": str(seed)},
