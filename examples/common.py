@@ -186,12 +186,16 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def stop_if_asked(accelerator: Accelerator, state: "TrainState", checkpoints: "Checkpoints",
-                  checks: Optional["DeviceChecks"] = None) -> None:
+                  checks: Optional["DeviceChecks"] = None, every: int = 1) -> None:
     """After an optimizer step: if any process got SIGTERM / SIGINT, every process saves a checkpoint of this step
-    and stops (:class:`Stopped`). The request is max-reduced across processes, so all stop at the same step.
-    ``checks`` is read first: no checkpoint is saved after a step the non-finite guard skipped."""
+    and stops (:class:`Stopped`). ``checks`` is read first: no checkpoint is saved after a step the non-finite
+    guard skipped. With several processes the request is max-reduced across them, so all stop at the same step;
+    that reduce is a device round trip, so it happens only at steps that are multiples of ``every`` (the loops pass
+    --logging_steps, where they read the device anyway): the stop comes at most ``every - 1`` steps later."""
     signum = _stop_request["signum"] or 0
     if accelerator.num_processes > 1:
+        if state.completed_steps % every:
+            return
         signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), reduction="max"))
     if not signum:
         return

@@ -24,12 +24,12 @@ def main() -> int:
     common = module.common
     check = common.stop_if_asked
 
-    def gated(accelerator, state, checkpoints, *rest) -> None:  # noqa: ANN001
+    def gated(accelerator, state, checkpoints, *rest, **options) -> None:  # noqa: ANN001
         if state.completed_steps == int(step):
             deadline = time.monotonic() + GATE_TIMEOUT_S
             while common._stop_request["signum"] is None and time.monotonic() < deadline:
                 time.sleep(0.01)
-        check(accelerator, state, checkpoints, *rest)
+        check(accelerator, state, checkpoints, *rest, **options)
 
     common.stop_if_asked = gated
     return common.run_cli(module.main, argv)

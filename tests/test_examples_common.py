@@ -811,6 +811,33 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(accelerator, tmp_pat
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                # handlers restored
 
 
+def test_with_several_processes_the_stop_request_is_reduced_only_every_few_steps(tmp_path, monkeypatch):
+    """The cross-process reduce is a device round trip: only at multiples of ``every``; all ranks stop there."""
+    import signal
+    import types
+
+    reduced = []
+
+    def reduce(tensor, reduction):
+        reduced.append(state.completed_steps)
+        return tensor
+
+    accelerator = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce)
+    saved = []
+    ckpts = types.SimpleNamespace(latest=lambda: None, name=lambda st: "x", save=lambda st: saved.append(st.completed_steps) or "ckpt")
+    state = TrainState(completed_steps=0, epoch=0)
+    monkeypatch.setitem(common._stop_request, "signum", None)
+    for step in range(1, 9):
+        state.completed_steps = step
+        if step == 5:
+            common._stop_request["signum"] = signal.SIGTERM
+        try:
+            common.stop_if_asked(accelerator, state, ckpts, every=4)
+        except common.Stopped:
+            break
+    assert reduced == [4, 8] and saved == [8] and state.completed_steps == 8
+
+
 def test_a_stop_request_after_a_skipped_step_saves_nothing(accelerator, tmp_path):
     """SIGTERM after a step the non-finite guard skipped: the guard is read first, so the run stops as diverged
     and no checkpoint holds the step after the skipped one."""

@@ -412,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 record = common.log_training(log, state, accelerator, loss, grad_norm, scheduler, timer, "images")
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             evaluate_and_checkpoint(epoch_end=False)
-            common.stop_if_asked(accelerator, state, checkpoints, checks)
+            common.stop_if_asked(accelerator, state, checkpoints, checks, every=args.logging_steps)
             timer.restart()
             if state.completed_steps >= max_steps:
                 break
