@@ -370,7 +370,7 @@ def check_common_args(args: argparse.Namespace) -> None:
     if getattr(args, "nesterov", False) and (args.optimizer != "sgd" or args.momentum == 0):
         raise UsageError(f"--nesterov needs --optimizer sgd with --momentum > 0, got --optimizer {args.optimizer} "
                          f"--momentum {args.momentum}")
-    if getattr(args, "per_layer_weight_decay_from_plan", False) and not args.per_layer_lr_from_plan:
+    if args.per_layer_weight_decay_from_plan and not args.per_layer_lr_from_plan:
         raise UsageError("--per_layer_weight_decay_from_plan needs --per_layer_lr_from_plan")
     if args.push_to_hub and not args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id (e.g. your-name/marian-emergence)")
@@ -648,7 +648,7 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, plan: Optional[Em
     """
     factors = plan.factors() if plan is not None else {}
     power = 2 if args.optimizer == "sgd" else 1
-    decay_follows = getattr(args, "per_layer_weight_decay_from_plan", False)
+    decay_follows = args.per_layer_weight_decay_from_plan
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -811,7 +811,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(accelerator, tmp_pat
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                # handlers restored
 
 
-def test_with_several_processes_the_stop_request_is_reduced_only_every_few_steps(tmp_path, monkeypatch):
+def test_with_several_processes_the_stop_request_is_reduced_only_every_few_steps(monkeypatch):
     """The cross-process reduce is a device round trip: only at multiples of ``every``; all ranks stop there."""
     import signal
     import types
