@@ -30,6 +30,7 @@
         "milestones": {"metric": "validation_bleu", "values": [10, 20, 30], "x": "step"},  # steps to reach each value
         "labels": {"emergence_a1.2": "emergence alpha 1.2"},  # optional: how arms are shown in tables and plots
         "contrasts": [["emergence_a1.5", "per_layer_lr_a1.5"]],  # optional: arms paired against each other
+        "curve_groups": {"lr": ["base_lr*"]},                # optional: one curves figure per group (+ baseline)
         "lower_is_better": ["fit_epoch"]                     # optional: read as better when lower (besides *loss*)
       }
     }
@@ -70,7 +71,9 @@ of the other axes. ``milestones`` gives, per group, the mean step at which each 
 many runs. Cells of the grid without an ``ok`` result are listed by name and state, never averaged. Plots: each curve metric against ``curve_x`` with a
 ±std band per arm, one PNG per group of the remaining axes; E / E_max at step 0 against alpha when runs logged
 ``emergence_normalised`` (vision ``--measure_emergence``); active fraction per layer when ``all_results`` holds a
-list ``active_fraction_per_layer``. ``labels`` names arms in tables and plots (the report lists each label's
+list ``active_fraction_per_layer``. ``curve_groups`` splits a crowded curves figure into one PNG per named group
+(``curves_<values>_<group>.png``: the baseline, in black, and the arms matching the group's globs; arms no group
+matches are drawn in ``other``). ``labels`` names arms in tables and plots (the report lists each label's
 arm and arguments). ``contrasts`` pairs two arms against each other the same way (e.g. emergence against its
 per-layer-LR control), in a table of their own. A report folder's README is rewritten, except its ``## Reading...`` sections (written by hand),
 which are kept at its end.
@@ -262,6 +265,15 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
                if arm_axis is None or k not in axes[arm_axis]]
     if unknown:
         raise fail(f"report.labels / contrasts: {unknown[0]!r} is not a value of the arm axis {arm_axis!r}"
+                   + (f" ({', '.join(axes[arm_axis])})" if arm_axis else ""))
+    groups = report.get("curve_groups", {})
+    if not (isinstance(groups, dict) and all(re.fullmatch(r"[A-Za-z0-9_.-]+", str(k)) and isinstance(v, list) and v
+                                             and all(isinstance(g, str) for g in v) for k, v in groups.items())):
+        raise fail('expected "report.curve_groups": an object of group name ([A-Za-z0-9_.-]) -> ["arm glob", ...]')
+    idle = [g for v in groups.values() for g in v
+            if arm_axis is None or not any(fnmatch.fnmatchcase(a, g) for a in axes[arm_axis])]
+    if idle:
+        raise fail(f"report.curve_groups: {idle[0]!r} matches no value of the arm axis {arm_axis!r}"
                    + (f" ({', '.join(axes[arm_axis])})" if arm_axis else ""))
     env = raw.get("env", {})
     if not isinstance(env, dict):
@@ -864,11 +876,13 @@ def forest_plots(agg: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
-def save_panel(fig: Any, out: Path, prefix: str, axes: Sequence[str], panel: Sequence[str], what: str) -> str:
-    """Title a figure by its panel's axis values, save it as ``<prefix>_<values>.png`` under ``out``, close it."""
+def save_panel(fig: Any, out: Path, prefix: str, axes: Sequence[str], panel: Sequence[str], what: str,
+               axes_shown: Optional[int] = None) -> str:
+    """Title a figure by its panel's axis values (the first ``axes_shown`` of them; the rest, e.g. a curve group, only
+    name the file), save it as ``<prefix>_<values>.png`` under ``out``, close it."""
     import matplotlib.pyplot as plt
 
-    title = ", ".join(f"{a}={v}" for a, v in zip(axes, panel)) or "all runs"
+    title = ", ".join(f"{a}={v}" for a, v in zip(axes, panel[:axes_shown])) or "all runs"
     fig.suptitle(f"{title}: {what}")
     fig.tight_layout()
     name = f"{prefix}_" + ("_".join(panel) or "all") + ".png"
@@ -933,6 +947,70 @@ def mean_curve(series: list[dict[float, float]]) -> tuple[Any, Any, Any, Any]:
     return xs, mean, std, count
 
 
+def arm_colors(arms: Sequence[str], baseline: Optional[str] = None) -> dict[str, Any]:
+    """A figure's colours: the baseline black, the other arms tab10 in order, then tab20's lighter tones (19 distinct)."""
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"].colors
+    palette = list(tab20[0::2]) + list(tab20[1::2])
+    others = [a for a in arms if a != baseline]
+    colors = {arm: palette[i % len(palette)] for i, arm in enumerate(others)}
+    return colors | ({baseline: "black"} if baseline in arms else {})
+
+
+def curve_groups(arms: Sequence[str], groups: Optional[dict[str, list[str]]], baseline: Optional[str]) -> dict[str, list[str]]:
+    """``report.curve_groups`` (name -> arm globs) applied to the arms present: each group's figure shows the baseline,
+    then its matching arms in grid order; a group that adds no arm an earlier one showed is not drawn, and arms no group
+    matches go in a last group ``other``. Without groups, one figure of all arms (name "")."""
+    if not groups:
+        return {"": list(arms)}
+    out: dict[str, list[str]] = {}
+    seen = {baseline}
+    for name, globs in groups.items():
+        mine = [a for a in arms if a == baseline or any(fnmatch.fnmatchcase(a, g) for g in globs)]
+        if set(mine) - seen:
+            out[name] = sorted(mine, key=lambda a: a != baseline)
+            seen |= set(mine)
+    rest = [a for a in arms if a not in seen]
+    if rest:
+        out["other"] = ([baseline] if baseline in arms else []) + rest
+    return out
+
+
+def curve_figure(runs: list[dict[str, Any]], arms: Sequence[str], metrics: Sequence[str], x_key: str,
+                 agg: dict[str, Any], colors: dict[str, Any]) -> Any:
+    """One axes per metric: each arm's mean over its runs against ``x_key`` with a ±std band (``mean_curve``)."""
+    import matplotlib.pyplot as plt
+
+    arm_axis = agg["arm_axis"]
+    fig, axs = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axs[0], metrics):
+        for arm in arms:
+            series = []
+            for r in runs:
+                if (r["cell"].get(arm_axis, "all") if arm_axis else "all") != arm:
+                    continue
+                pts = {rec[x_key]: rec[metric] for rec in r.get("curve") or []
+                       if not rec.get("final") and isinstance(rec.get(metric), (int, float)) and x_key in rec}
+                if pts:
+                    series.append(pts)
+            if not series:
+                continue
+            xs, mean, std, count = mean_curve(series)
+            every = count == len(series)                   # solid where every seed has a point, dotted where some do
+            some = count >= min(2, len(series))
+            label = f"{shown(agg, arm_axis, arm) if arm_axis else arm} (n={len(series)})"
+            color = colors.get(arm)
+            ax.plot(xs[every], mean[every], marker=".", label=label, color=color)
+            ax.plot(xs[some], mean[some], ":", color=color, label=None if every.any() else label)
+            ax.fill_between(xs[some], (mean - std)[some], (mean + std)[some], color=color, alpha=0.2)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axs[0][0].legend(fontsize=7)
+    return fig
+
+
 def plots(results: list[dict[str, Any]], agg: dict[str, Any], report: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -948,39 +1026,18 @@ def plots(results: list[dict[str, Any]], agg: dict[str, Any], report: dict[str, 
     arm_axis, seed_axis = agg["arm_axis"], agg["seed_axis"]
     panel_axes = [a for a in agg["group_axes"] if a != arm_axis]
     ok = [r for r in results if r["status"] == "ok"]
-    panels = list(dict.fromkeys(tuple(r["cell"].get(a, "") for a in panel_axes) for r in ok))
-    for panel in panels:
+    what = f"mean ± std over {seed_axis or 'runs'}; dotted: only the runs that got that far"
+    for panel in dict.fromkeys(tuple(r["cell"].get(a, "") for a in panel_axes) for r in ok):
+        if not curve_metrics:
+            break
         runs = [r for r in ok if tuple(r["cell"].get(a, "") for a in panel_axes) == panel]
         present = {r["cell"].get(arm_axis, "all") if arm_axis else "all" for r in runs}
         arms = [a for a in (value_order(runs, [arm_axis])[arm_axis] if arm_axis else ["all"]) if a in present]
-        if not curve_metrics:
-            break
-        fig, axs = plt.subplots(1, len(curve_metrics), figsize=(5.5 * len(curve_metrics), 4), squeeze=False)
-        for ax, metric in zip(axs[0], curve_metrics):
-            for arm in arms:
-                series = []
-                for r in runs:
-                    if (r["cell"].get(arm_axis, "all") if arm_axis else "all") != arm:
-                        continue
-                    pts = {rec[x_key]: rec[metric] for rec in r.get("curve") or []
-                           if not rec.get("final") and isinstance(rec.get(metric), (int, float)) and x_key in rec}
-                    if pts:
-                        series.append(pts)
-                if not series:
-                    continue
-                xs, mean, std, count = mean_curve(series)
-                every = count == len(series)               # solid where every seed has a point, dotted where some do
-                some = count >= min(2, len(series))
-                label = f"{shown(agg, arm_axis, arm) if arm_axis else arm} (n={len(series)})"
-                line, = ax.plot(xs[every], mean[every], marker=".", label=label)
-                ax.plot(xs[some], mean[some], ":", color=line.get_color(), label=None if every.any() else label)
-                ax.fill_between(xs[some], (mean - std)[some], (mean + std)[some], color=line.get_color(), alpha=0.2)
-            ax.set_xlabel(x_key)
-            ax.set_ylabel(metric)
-            ax.grid(alpha=0.3)
-        axs[0][0].legend(fontsize=7)
-        written.append(save_panel(fig, out, "curves", panel_axes, panel,
-                                  f"mean ± std over {seed_axis or 'runs'}; dotted: only the runs that got that far"))
+        groups = curve_groups(arms, report.get("curve_groups"), report.get("baseline")) if arm_axis else {"": arms}
+        for group, shown_arms in groups.items():
+            fig = curve_figure(runs, shown_arms, curve_metrics, x_key, agg, arm_colors(shown_arms, report.get("baseline")))
+            written.append(save_panel(fig, out, "curves", panel_axes, (*panel, group) if group else panel,
+                                      f"{group + ': ' if group else ''}{what}", axes_shown=len(panel_axes)))
 
     # E / E_max at initialisation against alpha (runs that logged emergence_normalised at step 0).
     pts = []

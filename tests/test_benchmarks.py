@@ -397,6 +397,9 @@ def test_labels_name_arms_and_a_hand_written_reading_survives_a_new_report(tmp_p
     ({"contrasts": [["better", "better"]]}, "a list of [arm, other arm] pairs"),
     ({"contrasts": ["better"]}, "a list of [arm, other arm] pairs"),
     ({"contrasts": [], "lower_is_better": "fit_epoch"}, '"report.lower_is_better": a list of metric names'),
+    ({"contrasts": [], "curve_groups": {"lr": ["base_lr*"]}}, "report.curve_groups: 'base_lr*' matches no value of the arm axis 'arm' (base, better)"),
+    ({"contrasts": [], "curve_groups": {"a/b": ["better"]}}, '"report.curve_groups": an object of group name'),
+    ({"contrasts": [], "curve_groups": {"lr": []}}, '"report.curve_groups": an object of group name'),
 ])
 def test_bad_labels_are_one_line(tmp_path, capsys, labels, expected):
     grid = write_grid(tmp_path, report=labels if "contrasts" in labels else {"labels": labels})
@@ -543,3 +546,23 @@ def test_paired_verdict_reads_a_loss_in_its_own_direction():
     lower = {s: v - 0.1 for s, v in base.items()}
     assert paired_difference(lower, base).verdict == "worse"                       # accuracy-like: lower is worse
     assert paired_difference(lower, base, lower_is_better=True).verdict == "better"  # a loss: lower is better
+
+
+def test_curve_groups_split_a_crowded_figure_into_distinctly_coloured_ones(tmp_path):
+    arms = ["default", "base", "emergence_a1.2", "emergence_a1.2_lr0.2", "base_lr0.1", "base_lr0.2", "base_noclip"]
+    groups = {"alpha": ["default", "emergence_a?.?"], "lr": ["base_lr*", "*_lr*", "emergence_a1.2"],
+              "warmup": ["base_warmup*"], "again": ["emergence_a1.2"]}
+    assert study.curve_groups(arms, groups, "base") == {                     # baseline first, then grid order
+        "alpha": ["base", "default", "emergence_a1.2"],
+        "lr": ["base", "emergence_a1.2", "emergence_a1.2_lr0.2", "base_lr0.1", "base_lr0.2"],
+        "other": ["base", "base_noclip"]}   # no figure of the baseline alone or of arms already shown; the rest: other
+    assert study.curve_groups(arms, None, "base") == {"": arms}
+    colors = study.arm_colors([f"arm{i}" for i in range(20)], "arm3")
+    assert colors["arm3"] == "black" and len(set(colors.values())) == 20     # tab10 alone repeats after 10
+    grid = write_grid(tmp_path, report={"metrics": ["val_score"], "baseline": "base", "curve_metrics": ["validation_score"],
+                                        "curve_groups": {"gain": ["better"]}})
+    out, report = tmp_path / "study", tmp_path / "report"
+    assert study.main(["run", str(grid), "--out", str(out)]) == 0
+    assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
+    assert (report / "curves_gain.png").stat().st_size > 0 and not (report / "curves_all.png").exists()
+    assert "![curves_gain.png](curves_gain.png)" in (report / "README.md").read_text()
