@@ -4,7 +4,8 @@
   for translation the newest checkpoint is also truncated, so the resume falls back to the previous one.
 * SIGTERM to ``accelerate launch`` with two processes: both stop at the same step with a checkpoint, no worker is
   left running, and resuming gives the uninterrupted two-process run. The workers wait at step 3 for the signal
-  (``tests/stop_gate.py``), so a fast run cannot finish before the signal lands, however busy the machine.
+  (``tests/stop_gate.py``), so a fast run cannot finish before the signal lands, however busy the machine; they log
+  every 2 steps, and with several processes the stop request is agreed on only at logging steps, so both stop at 4.
 
 The uninterrupted references run in-process; the killed runs are real subprocesses. One CPU thread everywhere.
 """
@@ -137,13 +138,13 @@ def _free_port() -> int:
 
 
 def _two_processes(out: Path, cache: str, gate_at: Optional[int] = None) -> list[str]:
-    """Vision on two CPU processes (gloo): 6 batches per process and epoch, 8 steps. With ``gate_at``, each worker
-    holds at that step (its checkpoint written) until it is asked to stop (``tests/stop_gate.py``)."""
+    """Vision on two CPU processes (gloo): 6 batches per process and epoch, 8 steps, logged every 2. With ``gate_at``,
+    each worker holds at that step (its checkpoint written) until it is asked to stop (``tests/stop_gate.py``)."""
     script = [str(SCRIPTS["vision"])] if gate_at is None else [str(ROOT / "tests" / "stop_gate.py"), str(gate_at),
                                                                str(SCRIPTS["vision"])]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
             "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-            *script, *VISION, "--max_train_steps", "8", "--image_cache_dir", cache, "--output_dir", str(out)]
+            *script, *VISION, "--max_train_steps", "8", "--logging_steps", "2", "--image_cache_dir", cache, "--output_dir", str(out)]
 
 
 def _workers_of(out: Path) -> list[int]:
@@ -172,9 +173,9 @@ def test_sigterm_to_accelerate_launch_stops_every_process_cleanly(tmp_path, cach
     assert code == 128 + signal.SIGTERM, text[-3000:]
     stops = [line for line in text.splitlines() if line.startswith("stopped: SIGTERM at step ")]
     assert len(stops) == 2 and stops[0] == stops[1], text[-3000:]           # both processes, the same step
-    assert stops[0].startswith("stopped: SIGTERM at step 3 (epoch 0); saved "), text[-3000:]
-    assert _latest_step(out) == 3 and _workers_of(out) == []
-    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert stops[0].startswith("stopped: SIGTERM at step 4 (epoch 0); saved "), text[-3000:]  # the next logging step
+    assert _latest_step(out) == 4 and _workers_of(out) == []
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
     assert "Traceback" not in text
     proc = subprocess.run(_two_processes(out, cache) + ["--resume_from_checkpoint", "latest"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
