@@ -28,3 +28,20 @@ def test_the_table_lists_every_builtin_model_type():
     for model_type in hf_emergence.list_architectures():
         if hf_emergence.get_architecture(model_type).__module__.startswith("hf_emergence."):
             assert f"`{model_type}`" in table
+
+
+def _local_links(text: str) -> list[str]:
+    """Targets of the markdown links and images in ``text`` that point into the repository (no URL, no anchor)."""
+    import re
+
+    text = re.sub(r"```.*?```", "", text, flags=re.S)            # code blocks are not links
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+def test_every_link_and_image_in_the_docs_exists():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md")),
+             *sorted((ROOT / "examples").rglob("*.md"))]
+    broken = [f"{page.relative_to(ROOT)}: {target}" for page in pages if "runs" not in page.relative_to(ROOT).parts
+              for target in _local_links(page.read_text()) if not (page.parent / target).exists()]
+    assert broken == []
