@@ -948,7 +948,7 @@ def mean_curve(series: list[dict[float, float]]) -> tuple[Any, Any, Any, Any]:
 
 
 def arm_colors(arms: Sequence[str], baseline: Optional[str] = None) -> dict[str, Any]:
-    """A figure's colours: the baseline black, the other arms tab10 in order, then tab20's lighter tones (19 distinct)."""
+    """A figure's colours: the baseline black, the other arms tab10 in order, then tab20's lighter tones (20 distinct)."""
     import matplotlib
 
     tab20 = matplotlib.colormaps["tab20"].colors
