@@ -253,6 +253,9 @@ def add_init_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", default=None, choices=SETTING_CHOICES["attention"])
     g.add_argument("--layer_unit", default=None, choices=SETTING_CHOICES["layer_unit"])
     g.add_argument("--exclude", nargs="*", default=None, help="regexes of parameter names to leave alone")
+    g.add_argument("--unscaled", nargs="*", default=None,
+                   help="regexes of parameter names re-drawn and counted in the numbering but kept at factor 1 (e.g. a "
+                        "classifier head); with --per_layer_lr_from_plan they train at the base rate")
     g.add_argument("--per_layer_lr_from_plan", action="store_true",
                    help="control: give each planned tensor the learning rate the emergence plan implies, "
                         "lr*alpha**(-2k) for SGD and lr*alpha**(-k) for AdamW, whatever --init is")

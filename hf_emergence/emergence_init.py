@@ -44,6 +44,20 @@ __all__ = ["AlreadyAppliedError", "EmergenceInit", "METADATA_KEYS", "PlanError",
            "already_applied"]
 
 
+def _patterns(name: str, value: Any) -> list[str]:
+    """``exclude`` / ``unscaled``: one regular expression or a list of them, each compiled once to check it."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} must be a regular expression or a list of them, got {value!r} ({type(value).__name__})")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"{name} pattern {pattern!r} is not a valid regular expression: {err}") from None
+    return list(value)
+
+
 @dataclass
 class EmergenceInit:
     """Settings of the emergence-promoting initialisation (serialisable with ``to_dict``/``from_dict``).
@@ -67,7 +81,11 @@ class EmergenceInit:
             only), "all".
         layer_unit: what counts as one layer: "auto" (the architecture's: Transformer blocks,
             single conv/linear layers for ConvNets), "block" or "matrix" (every weight tensor).
-        exclude: regular expressions; matching parameter names are neither re-initialised nor scaled.
+        exclude: regular expressions; matching parameter names are neither re-initialised nor scaled, and the
+            layers are numbered without them.
+        unscaled: regular expressions; matching parameters are re-initialised and counted in the numbering but keep
+            factor 1 (like Q/K under attention="vo"), e.g. ["^classifier"] to leave a head that no norm follows at
+            its base-init scale while every other layer keeps the exponent it has with the head counted.
     """
 
     alpha: float = 1.1
@@ -79,6 +97,7 @@ class EmergenceInit:
     attention: str = "vo"
     layer_unit: str = "auto"
     exclude: list[str] = field(default_factory=list)
+    unscaled: list[str] = field(default_factory=list)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EmergenceInit":
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
@@ -101,17 +120,8 @@ class EmergenceInit:
                 raise ValueError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
         if self.pivot is not None and (isinstance(self.pivot, bool) or not isinstance(self.pivot, numbers.Integral)):
             raise TypeError(f"pivot must be an integer layer index or None, got {self.pivot!r}")
-        if isinstance(self.exclude, str):
-            self.exclude = [self.exclude]
-        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(p, str) for p in self.exclude):
-            raise TypeError(f"exclude must be a regular expression or a list of them, got {self.exclude!r} "
-                            f"({type(self.exclude).__name__})")
-        self.exclude = list(self.exclude)
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as err:
-                raise ValueError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}") from None
+        for name in ("exclude", "unscaled"):
+            setattr(self, name, _patterns(name, getattr(self, name)))
 
     # ---- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

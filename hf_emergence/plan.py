@@ -19,6 +19,7 @@ import torch
 
 from ._json import JsonSource, read_json
 from ._text import format_k
+from ._warnings import warn
 from .base_init import base_init_
 from .distributed import check_same_rng, is_dtensor
 from .layout import SHORTCUT, UNSCALED_ROLES, Layout, Member
@@ -330,10 +331,14 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
     """Turn a discovered layout into a plan under ``settings`` (the validated EmergenceInit fields).
 
     ``shapes`` maps canonical parameter names to shapes, ``aliases`` canonical names to their other
-    names. Members matching ``settings["exclude"]`` are dropped (and listed in ``left_out``); a Parameter
-    met twice (shared across blocks) keeps its first entry. ``chain="stage"`` numbers each stage apart.
+    names. Members matching ``settings["exclude"]`` are dropped (and listed in ``left_out``); members matching
+    ``settings["unscaled"]`` keep their layer's place in the numbering but factor 1 (entries without layer or k, as
+    Q/K under ``attention="vo"``); a Parameter met twice (shared across blocks) keeps its first entry.
+    ``chain="stage"`` numbers each stage apart.
     """
     exclude = [re.compile(p) for p in settings.get("exclude", ())]
+    unscaled = [re.compile(p) for p in settings.get("unscaled", ())]
+    held: set[str] = set()
     unscaled_roles = UNSCALED_ROLES[settings["attention"]]
     layer_unit = layout.layer_unit if settings["layer_unit"] == "auto" else settings["layer_unit"]
     canonical = {alias: name for name, names in aliases.items() for alias in names}
@@ -386,11 +391,20 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
             index, k = k_of.get(id(layer), (None, None))
             block_name, members = layer
             for m in members:
-                keep = m.role in unscaled_roles or k is None
+                hold = any(rx.search(n) for rx in unscaled for n in (m.param, *aliases.get(m.param, ())))
+                held |= {m.param} if hold and k is not None and m.role not in unscaled_roles else set()
+                keep = m.role in unscaled_roles or k is None or hold
                 factor = 1.0 if keep else scale_factor(settings["alpha"], k, settings["scale_mode"])
                 entries.append(PlanEntry(name=m.param, chain=chain_name, layer=None if keep else index, block=block_name,
                                          role=m.role, k=None if keep else k, factor=factor, shape=shapes[m.param],
                                          fan_in=m.fan_in, fan_out=m.fan_out, aliases=aliases.get(m.param, ()), init=m.init))
+    if held:
+        notes.append(f"{len(held)} tensor(s) matching unscaled= re-drawn at factor 1, counted in the numbering")
+    idle = [p for p, rx in zip(settings.get("unscaled", ()), unscaled)
+            if not any(rx.search(n) for e in entries for n in (e.name, *e.aliases))]
+    if idle:
+        warn(f"unscaled pattern(s) {', '.join(map(repr, idle))} match no planned tensor of {model_name}: nothing is held "
+             "at factor 1 (`print(plan)` lists the planned tensors)")
     base_init = layout.base_init if settings["base_init"] == "auto" else settings["base_init"]
     plan = EmergencePlan(settings=dict(settings), base_init=base_init, layer_unit=layer_unit, source=layout.source,
                          model=model_name, entries=entries, chains=counts, notes=notes, left_out=left_out)

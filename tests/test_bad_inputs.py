@@ -361,7 +361,7 @@ def test_an_unknown_setting_is_one_warning_naming_it_and_the_known_ones():
         assert EmergenceInit.from_json('{"alpha": 1.3, "alhpa": 2}') == EmergenceInit(alpha=1.3)
     assert [str(w.message) for w in record] == [
         "ignoring unknown emergence_init setting(s) alhpa (written by a newer hf_emergence?); known settings: alpha, "
-        "base_init, scale_mode, even_depth, pivot, chain, attention, layer_unit, exclude"]
+        "base_init, scale_mode, even_depth, pivot, chain, attention, layer_unit, exclude, unscaled"]
 
 
 def test_from_json_reads_text_a_file_and_a_saved_checkpoint(tmp_path):

@@ -149,6 +149,31 @@ def test_exclude_drops_matching_tensors():
     assert not any(".fc2." in e.name for e in plan)
 
 
+def test_unscaled_tensors_keep_their_base_draw_and_the_others_their_exponents():
+    """``unscaled``: the head is re-drawn by the base init but not scaled, bit for bit the alpha=1 draw, while every
+    other tensor gets exactly what it gets with the head scaled (the numbering counts the head)."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(*[m for i in range(4) for m in (nn.Linear(12, 12), nn.ReLU())], nn.Linear(12, 3))
+
+    def applied(init):
+        m = model()
+        torch.manual_seed(1)                       # the base init's draws
+        return m, init.apply(m)
+
+    (plain, full), (held, plan), (base, _) = (applied(EmergenceInit(alpha=1.5)),
+                                              applied(EmergenceInit(alpha=1.5, unscaled=[r"^8\."])),
+                                              applied(EmergenceInit(alpha=1.0)))
+    assert [r["k"] for r in plan.layers()] == [r["k"] for r in full.layers()][:-1] == [-2, -1, 0, 1]
+    assert plan["8.weight"].factor == 1.0 and plan["8.weight"].k is None and full["8.weight"].k == 2
+    assert any("1 tensor(s) matching unscaled=" in n for n in plan.notes)
+    for name, p in held.named_parameters():
+        reference = dict(base.named_parameters() if name.startswith("8.") else plain.named_parameters())[name]
+        assert torch.equal(p, reference), name
+    with pytest.warns(UserWarning, match=r"^unscaled pattern\(s\) 'head' match no planned tensor of Sequential"):
+        EmergenceInit(alpha=1.5, unscaled=["head"]).plan(model())
+
+
 def test_plan_is_json_serialisable_deterministic_and_printable():
     plan = EmergenceInit(alpha=1.2).plan(_build("t5"))
     again = EmergenceInit(alpha=1.2).plan(_build("t5", seed=5))
@@ -233,6 +258,8 @@ def test_settings_written_by_earlier_versions_still_load():
     (dict(layer_unit="layer"), ValueError, r"layer_unit='layer' is not one of: auto, block, matrix"),
     (dict(pivot=1.5), TypeError, r"pivot must be an integer layer index or None, got 1.5"),
     (dict(exclude=["("]), ValueError, r"exclude pattern '\(' is not a valid regular expression"),
+    (dict(unscaled=["("]), ValueError, r"unscaled pattern '\(' is not a valid regular expression"),
+    (dict(unscaled=3), TypeError, r"unscaled must be a regular expression or a list of them, got 3 \(int\)"),
     (dict(alhpa=1.2), TypeError, r"unknown option\(s\) 'alhpa'; valid options: alpha, base_init"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(kwargs, error, match):

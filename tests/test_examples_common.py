@@ -145,7 +145,8 @@ def test_check_common_args_fills_eval_batch_and_rejects_bad_values():
                           (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
                           (["--output_dir", __file__], f"--output_dir {__file__} is a file, not a folder"),
                           (["--alpha", "0"], "alpha=0.0 is invalid"),
-                          (["--exclude", "("], "not a valid regular expression")]:
+                          (["--exclude", "("], "not a valid regular expression"),
+                          (["--unscaled", "["], "unscaled pattern '[' is not a valid regular expression")]:
         with pytest.raises(UsageError) as info:
             common.check_common_args(_args(*argv))
         assert message in str(info.value) and "\n" not in str(info.value)
@@ -294,6 +295,31 @@ def test_per_layer_lr_and_weight_decay_follow_the_emergence_trajectory(optimizer
         assert all(same) if decay_follows else not all(same), (optimizer, decay_follows, same)
     with pytest.raises(UsageError, match="^--per_layer_weight_decay_from_plan needs --per_layer_lr_from_plan$"):
         common.check_common_args(_args("--per_layer_weight_decay_from_plan"))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_with_the_head_unscaled_the_control_follows_emergence_on_a_net_with_a_plain_head(optimizer):
+    """A classifier that no norm follows is the one layer a per-layer learning rate cannot stand in for: with it in
+    the plan the two trajectories part; held at factor 1 (``unscaled``) it trains at the base rate in both, and the
+    control follows the emergence init exactly again, while the other layers keep their exponents."""
+    torch.manual_seed(0)
+    base = nn.Sequential(*_ScaleInvariantMlp(), nn.ReLU(), nn.Linear(3, 3, bias=False)).double()
+    flags = ["--optimizer", optimizer, "--learning_rate", "0.05", "--weight_decay", "0.1", "--momentum", "0.9",
+             "--per_layer_lr_from_plan", "--per_layer_weight_decay_from_plan"]
+    for held in ([], [r"^12\."]):
+        plan = EmergenceInit(alpha=1.5, base_init="keep", unscaled=held).plan(base)
+        factors = plan.factors()
+        assert [round(math.log(f, 1.5)) for f in factors.values()] == ([-2, -1, 0, 1, 2] if not held else [-2, -1, 0, 1, 0])
+        emergence = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, p in emergence.named_parameters():
+                p.mul_(factors.get(name, 1.0))
+        _train(emergence, common.make_optimizer(emergence, _args(*flags[:8])))
+        control = copy.deepcopy(base)
+        _train(control, common.make_optimizer(control, _args(*flags), plan))
+        got = dict(control.named_parameters())
+        same = [torch.allclose(got[n] * factors.get(n, 1.0), p, rtol=1e-9, atol=0) for n, p in emergence.named_parameters()]
+        assert all(same) if held else not all(same), (optimizer, held, same)
 
 
 def test_make_scheduler_counts_steps_of_every_process():
