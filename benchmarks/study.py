@@ -64,7 +64,8 @@ metric; diverged and failed runs are counted separately) and the mean ± sample 
 seeds. First-epoch metrics are ``all_results["epoch1_<m>"]`` when the script records them (vision:
 ``epoch1_accuracy``), else the metric of the first evaluation logged with ``epoch >= 1``. A ``select`` entry adds,
 per group of the other axes, a row that repeats the arm (among those matching ``arms``) with the best mean ``by``
-metric: the tuned warm-up control, chosen on validation data (only where at least two candidates finished). With a ``baseline`` arm, every other arm (and every
+metric: the tuned warm-up control, chosen on validation data (only where at least two candidates finished, and only
+among the candidates with the most finished runs: an arm still short of seeds is not picked on fewer of them). With a ``baseline`` arm, every other arm (and every
 selected row) gets its paired difference against the baseline over the seeds both finished, with a 95% Student-t
 interval and the reading "no detectable effect" when it covers 0 (``paired.py``), drawn as one forest plot per group
 of the other axes. ``milestones`` gives, per group, the mean step at which each value was first reached and by how
@@ -699,6 +700,8 @@ def aggregate(results: list[dict[str, Any]], report: dict[str, Any]) -> dict[str
                      and any(fnmatch.fnmatchcase(g["cell"][arm_axis], glob) for glob in
                              ([sel["arms"]] if isinstance(sel["arms"], str) else sel["arms"]))
                      and sel["by"] in g["stats"]]
+            most = max((g["stats"][sel["by"]]["n"] for g in cands), default=0)
+            cands = [g for g in cands if g["stats"][sel["by"]]["n"] == most]   # never picked on fewer seeds
             if len(cands) < 2:                  # one finished candidate is no choice: no row claims it was tuned
                 continue
             pick = (max if sel.get("mode", "max") == "max" else min)(cands, key=lambda g: g["stats"][sel["by"]]["mean"])

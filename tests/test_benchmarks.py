@@ -197,13 +197,15 @@ def test_first_epoch_from_curve_and_select(tmp_path):
                 "status": "ok", "all_results": {"val": v}, "curve": []}
 
     results = [run("warmup_0", 1, 1.0), run("warmup_0", 2, 2.0), run("warmup_100", 1, 5.0), run("warmup_100", 2, 6.0),
-               run("xavier", 1, 9.0)]
+               run("xavier", 1, 9.0), run("xavier", 2, 8.0), run("warmup_35", 1, 99.0)]
     agg = study.aggregate(results, {"metrics": ["val"], "select": [{"name": "warmup_tuned", "arms": "warmup_*", "by": "val"}]})
-    assert [s["cell"]["arm"] for s in agg["selected"]] == ["warmup_tuned (= warmup_100)"]
+    assert [s["cell"]["arm"] for s in agg["selected"]] == ["warmup_tuned (= warmup_100)"]   # not warmup_35: 1 seed of 2
     assert agg["selected"][0]["stats"]["val"]["mean"] == 5.5
     # a list of globs: the candidates are the arms matching any of them
     agg = study.aggregate(results, {"metrics": ["val"], "select": [{"name": "t", "arms": ["xavier", "warmup_0"], "by": "val"}]})
     assert [s["cell"]["arm"] for s in agg["selected"]] == ["t (= xavier)"]
+    agg = study.aggregate(results, {"metrics": ["val"], "select": [{"name": "t", "arms": ["warmup_35", "xavier"], "by": "val"}]})
+    assert agg["selected"] == []                                  # one candidate with every seed is no choice
 
 
 @pytest.mark.parametrize("content, expected", [
