@@ -392,7 +392,8 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
             block_name, members = layer
             for m in members:
                 hold = any(rx.search(n) for rx in unscaled for n in (m.param, *aliases.get(m.param, ())))
-                held |= {m.param} if hold and k is not None and m.role not in unscaled_roles else set()
+                if hold and k is not None and m.role not in unscaled_roles:
+                    held.add(m.param)
                 keep = m.role in unscaled_roles or k is None or hold
                 factor = 1.0 if keep else scale_factor(settings["alpha"], k, settings["scale_mode"])
                 entries.append(PlanEntry(name=m.param, chain=chain_name, layer=None if keep else index, block=block_name,
