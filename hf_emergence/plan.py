@@ -326,6 +326,11 @@ class EmergencePlan:
         return f"EmergencePlan(model={self.model!r}, entries={len(self.entries)}, chains={self.chains})"
 
 
+def _matches(patterns: Iterable[re.Pattern], name: str, aliases: Iterable[str]) -> bool:
+    """Whether any of ``patterns`` matches the parameter ``name`` or one of its other names (``exclude=``, ``unscaled=``)."""
+    return any(rx.search(n) for rx in patterns for n in (name, *aliases))
+
+
 def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                aliases: dict[str, tuple[str, ...]], model_name: str) -> EmergencePlan:
     """Turn a discovered layout into a plan under ``settings`` (the validated EmergenceInit fields).
@@ -354,7 +359,7 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
             members = []
             for m in block.members:
                 name = canonical.get(m.param, m.param)
-                if any(rx.search(n) for rx in exclude for n in (name, *aliases.get(name, ()))):
+                if _matches(exclude, name, aliases.get(name, ())):
                     left_out.append((name, "matches exclude="))
                     continue
                 if name in seen:
@@ -391,7 +396,7 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
             index, k = k_of.get(id(layer), (None, None))
             block_name, members = layer
             for m in members:
-                hold = any(rx.search(n) for rx in unscaled for n in (m.param, *aliases.get(m.param, ())))
+                hold = _matches(unscaled, m.param, aliases.get(m.param, ()))
                 if hold and k is not None and m.role not in unscaled_roles:
                     held.add(m.param)
                 keep = m.role in unscaled_roles or k is None or hold
@@ -402,7 +407,7 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
     if held:
         notes.append(f"{len(held)} tensor(s) matching unscaled= re-drawn at factor 1, counted in the numbering")
     idle = [p for p, rx in zip(settings.get("unscaled", ()), unscaled)
-            if not any(rx.search(n) for e in entries for n in (e.name, *e.aliases))]
+            if not any(_matches([rx], e.name, e.aliases) for e in entries)]
     if idle:
         warn(f"unscaled pattern(s) {', '.join(map(repr, idle))} match no planned tensor of {model_name}: nothing is held "
              "at factor 1 (`print(plan)` lists the planned tensors)")

@@ -1,6 +1,8 @@
-"""README.md's table of supported architectures is the one docs/gen_architectures.py generates from the registry."""
+"""README.md's table of supported architectures is the one docs/gen_architectures.py generates from the registry;
+every link and image of the markdown pages exists."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +34,6 @@ def test_the_table_lists_every_builtin_model_type():
 
 def _local_links(text: str) -> list[str]:
     """Targets of the markdown links and images in ``text`` that point into the repository (no URL, no anchor)."""
-    import re
-
     text = re.sub(r"```.*?```", "", text, flags=re.S)            # code blocks are not links
     targets = re.findall(r"\]\(([^)\s]+)\)", text)
     return [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]

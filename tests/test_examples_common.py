@@ -258,6 +258,15 @@ class _ScaleInvariantMlp(nn.Sequential):
                            for m in (nn.Linear(i, o, bias=False), nn.BatchNorm1d(o, eps=1e-30), nn.ReLU())][:-1])
 
 
+def _scaled(model: nn.Module, factors: dict[str, float]) -> nn.Module:
+    """A copy of ``model`` with each planned weight multiplied by its factor: the emergence init on top of ``model``."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.mul_(factors.get(name, 1.0))
+    return out
+
+
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 6) -> None:
     for group in opt.param_groups:
         if "eps" in group:       # Adam's eps is the one term that sees the gradient's scale (c * eps / sqrt(v)): ~0
@@ -280,10 +289,7 @@ def test_per_layer_lr_and_weight_decay_follow_the_emergence_trajectory(optimizer
     plan = EmergenceInit(alpha=1.5, base_init="keep").plan(base)
     factors = plan.factors()
     assert len(factors) == 4 and {round(f, 6) for f in factors.values()} == {round(1.5 ** k, 6) for k in (-2, -1, 1, 2)}
-    emergence = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, p in emergence.named_parameters():
-            p.mul_(factors.get(name, 1.0))
+    emergence = _scaled(base, factors)
     flags = ["--optimizer", optimizer, "--learning_rate", "0.05", "--weight_decay", "0.1", "--momentum", "0.9"]
     _train(emergence, common.make_optimizer(emergence, _args(*flags)))
     for decay_follows in (True, False):
@@ -304,19 +310,16 @@ def test_with_the_head_unscaled_the_control_follows_emergence_on_a_net_with_a_pl
     control follows the emergence init exactly again, while the other layers keep their exponents."""
     torch.manual_seed(0)
     base = nn.Sequential(*_ScaleInvariantMlp(), nn.ReLU(), nn.Linear(3, 3, bias=False)).double()
-    flags = ["--optimizer", optimizer, "--learning_rate", "0.05", "--weight_decay", "0.1", "--momentum", "0.9",
-             "--per_layer_lr_from_plan", "--per_layer_weight_decay_from_plan"]
+    flags = ["--optimizer", optimizer, "--learning_rate", "0.05", "--weight_decay", "0.1", "--momentum", "0.9"]
+    control_flags = [*flags, "--per_layer_lr_from_plan", "--per_layer_weight_decay_from_plan"]
     for held in ([], [r"^12\."]):
         plan = EmergenceInit(alpha=1.5, base_init="keep", unscaled=held).plan(base)
         factors = plan.factors()
         assert [round(math.log(f, 1.5)) for f in factors.values()] == ([-2, -1, 0, 1, 2] if not held else [-2, -1, 0, 1, 0])
-        emergence = copy.deepcopy(base)
-        with torch.no_grad():
-            for name, p in emergence.named_parameters():
-                p.mul_(factors.get(name, 1.0))
-        _train(emergence, common.make_optimizer(emergence, _args(*flags[:8])))
+        emergence = _scaled(base, factors)
+        _train(emergence, common.make_optimizer(emergence, _args(*flags)))
         control = copy.deepcopy(base)
-        _train(control, common.make_optimizer(control, _args(*flags), plan))
+        _train(control, common.make_optimizer(control, _args(*control_flags), plan))
         got = dict(control.named_parameters())
         same = [torch.allclose(got[n] * factors.get(n, 1.0), p, rtol=1e-9, atol=0) for n, p in emergence.named_parameters()]
         assert all(same) if held else not all(same), (optimizer, held, same)
