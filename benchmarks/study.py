@@ -18,7 +18,8 @@
       "axes": {                                              # the grid is the cross product, in this order
         "optimizer": {"adamw": ["--optimizer", "adamw"], "sgd": ["--optimizer", "sgd", "--learning_rate", "0.1"]},
         "arm": {"default": ["--init", "default"], "emergence_a1.2": ["--init", "emergence", "--alpha", "1.2"]},
-        "seed": [1, 2, 3]                                    # a list of values v means ["--<axis>", "v"]
+        "seed": [1, 2, 3],                                   # a list of values v means ["--<axis>", "v"]
+        "model": {"cnn": {"args": ["--model_type", "cnn"], "vars": {"head": "^17\\."}}}  # a value can set {head}
       },
       "exclude": [{"optimizer": "sgd", "arm": "warmup_*"}],  # optional: cells matching every key (fnmatch) are dropped
       "report": {                                            # optional
@@ -38,7 +39,9 @@
 Variables are replaced in ``common_args``, axis arguments and ``requires`` (``{data_root}``); the command line
 ``--data_root DIR`` and ``--set NAME=VALUE`` override the grid's ``vars``. Relative paths in the grid are relative
 to the repository root (the subprocess's working directory); ``--data_root`` given on the command line is made
-absolute. ``{out}`` is the study folder and ``{run_dir}`` the run's folder.
+absolute. ``{out}`` is the study folder and ``{run_dir}`` the run's folder. An axis value written as
+``{"args": [...], "vars": {...}}`` sets those variables for the cells that have it (e.g. each model names its own
+classifier for an arm's ``--unscaled {head}``); every cell that uses such a variable must have a value that sets it.
 
 **Runs.** A cell's run name is ``axis-value`` joined by ``__`` (e.g. ``optimizer-sgd__arm-default__seed-1``); it
 runs as ``LAUNCHER SCRIPT COMMON_ARGS AXIS_ARGS... --output_dir OUT/RUN`` (plus ``--resume_from_checkpoint latest``
@@ -151,6 +154,7 @@ class Grid:
     requires: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    value_vars: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)   # axis -> value -> {name: value}
 
     def cells(self) -> list[Cell]:
         names = list(self.axes)
@@ -159,9 +163,23 @@ class Grid:
             values = {a: v for a, (v, _) in zip(names, combo)}
             if any(all(fnmatch.fnmatchcase(values.get(k, ""), str(p)) for k, p in rule.items()) for rule in self.exclude):
                 continue
-            args = list(self.common_args) + [x for _, a in combo for x in a]
+            cell_vars = {k: x for a, v in values.items() for k, x in self.value_vars.get(a, {}).get(v, {}).items()}
+            args = [_fill_cell_vars(x, cell_vars) for x in list(self.common_args) + [x for _, a in combo for x in a]]
             out.append(Cell("__".join(f"{a}-{v}" for a, v in values.items()), values, args))
         return out
+
+
+_CELL_VAR = "\x00{}\x00"   # a variable set by an axis value, held in the arguments until the cell is known
+_CELL_VAR_RX = re.compile("\x00([^\x00]*)\x00")
+
+
+def _fill_cell_vars(arg: str, cell_vars: dict[str, str]) -> str:
+    return _CELL_VAR_RX.sub(lambda m: cell_vars.get(m.group(1), m.group(0)), arg)
+
+
+def shown_args(args: Sequence[str]) -> str:
+    """``args`` as a shell line, a variable still to be set by the cell's axis values shown as ``{name}``."""
+    return _CELL_VAR_RX.sub(r"{\1}", shlex.join(args))
 
 
 def report_axis(report: dict[str, Any], key: str, axes: Sequence[str]) -> Optional[str]:
@@ -196,13 +214,15 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
     if not isinstance(variables, dict) or not all(isinstance(v, (str, int, float)) for v in variables.values()):
         raise fail('expected "vars" to map names to strings, e.g. {"data_root": "../shared/data"}')
     variables = {k: str(v) for k, v in variables.items()} | dict(overrides or {})
+    value_vars = _value_vars(raw.get("axes"), variables, fail)
+    deferred = {k for per_value in value_vars.values() for vv in per_value.values() for k in vv}
 
     def subst(s: Any, what: str) -> str:
         if not isinstance(s, (str, int, float)) or isinstance(s, bool):
             raise fail(f"{what}: expected a string argument, got {json.dumps(s)}")
         s = str(s)
         try:
-            return s.format_map(_Vars(variables))
+            return s.format_map(_Vars(variables, deferred))
         except KeyError as err:
             raise fail(f"{what}: {s!r} uses {{{err.args[0]}}}, which is not in vars ({', '.join(sorted(variables)) or 'none'}) "
                        "nor given with --set") from None
@@ -227,7 +247,8 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
                 raise fail(f"axis {axis!r}: expected a non-empty list of values (numbers or strings)")
             values = {str(v): [f"--{axis}", subst(v, f"axis {axis!r}")] for v in spec}
         elif isinstance(spec, dict) and spec:
-            values = {str(k): arg_list(v, f"axis {axis!r} value {k!r}") for k, v in spec.items()}
+            values = {str(k): arg_list(v["args"] if isinstance(v, dict) else v, f"axis {axis!r} value {k!r}")
+                      for k, v in spec.items()}
         else:
             raise fail(f"axis {axis!r}: expected a non-empty object {{value name: [args]}} or a list of values")
         for v in values:
@@ -281,18 +302,54 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
         raise fail('expected "env": an object of environment variables')
     grid = Grid(path=p, name=str(raw.get("name") or p.stem), script=subst(raw["script"], "script"),
                 description=str(raw.get("description", "")), common_args=common_args, axes=axes, exclude=exclude,
-                vars=variables, requires=requires, report=report, env={k: subst(v, "env") for k, v in env.items()})
-    if not grid.cells():
+                vars=variables, requires=requires, report=report, env={k: subst(v, "env") for k, v in env.items()},
+                value_vars=value_vars)
+    cells = grid.cells()
+    if not cells:
         raise fail("the exclude rules leave no cell to run")
+    for cell in cells:
+        unset = next((m.group(1) for a in cell.args for m in _CELL_VAR_RX.finditer(a)), None)
+        if unset is not None:
+            setters = [f"{a} {v}" for a, per_value in value_vars.items() for v, vv in per_value.items() if unset in vv]
+            raise fail(f"cell {cell.name}: uses {{{unset}}}, which only {', '.join(setters)} set(s); expected every "
+                       "cell that uses it to have one of those values (or an exclude rule)")
     return grid
 
 
+def _value_vars(axes_raw: Any, variables: dict[str, str], fail) -> dict[str, dict[str, dict[str, str]]]:
+    """The ``vars`` of axis values written as ``{"args": [...], "vars": {name: value}}``: per axis, per value."""
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for axis, spec in (axes_raw.items() if isinstance(axes_raw, dict) else ()):
+        for value, v in (spec.items() if isinstance(spec, dict) else ()):
+            if not isinstance(v, dict):
+                continue
+            vv = v.get("vars", {})
+            if set(v) - {"args", "vars"} or "args" not in v or not (
+                    isinstance(vv, dict) and all(isinstance(x, str) for x in vv.values())):
+                raise fail(f'axis {axis!r} value {value!r}: expected [args] or {{"args": [args], "vars": '
+                           '{"name": "value"}}')
+            clash = sorted(set(vv) & set(variables))
+            if clash:
+                raise fail(f"axis {axis!r} value {value!r}: sets {{{clash[0]}}}, which vars (or --set) sets for every "
+                           "cell; expected one place per variable")
+            if vv:
+                out.setdefault(axis, {})[str(value)] = dict(vv)
+    return out
+
+
 class _Vars(dict):
-    """format_map mapping that keeps run-time placeholders ({out}, {run_dir}) for later."""
+    """format_map mapping that keeps run-time placeholders ({out}, {run_dir}) and the variables set by axis values
+    (``deferred``) for later."""
+
+    def __init__(self, variables: dict[str, str], deferred: set[str] = frozenset()):
+        super().__init__(variables)
+        self.deferred = deferred
 
     def __missing__(self, key: str) -> str:
         if key in ("out", "run_dir"):
             return "{" + key + "}"
+        if key in self.deferred:
+            return _CELL_VAR.format(key)
         raise KeyError(key)
 
 
@@ -1149,7 +1206,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                   + ", ".join(sorted({s['selected_by'] for s in agg['selected']})) + " among its candidates "
                   "(selected on validation data, so its test numbers are not optimistic by selection on test).", ""]
     if agg["labels"] and grid is not None:
-        lines += ["Arms as shown: " + "; ".join(f"{label} = `{arm}` (`{shlex.join(grid.axes[agg['arm_axis']][arm])}`)"
+        lines += ["Arms as shown: " + "; ".join(f"{label} = `{arm}` (`{shown_args(grid.axes[agg['arm_axis']][arm])}`)"
                                                 for arm, label in agg["labels"].items()) + ".", ""]
     lines += [markdown_table(agg, report.get("baseline")), ""]
     if agg["paired"]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -221,6 +222,15 @@ def test_first_epoch_from_curve_and_select(tmp_path):
     ('{"script": "x.py", "axes": {"seed": [1]}, "exclude": [{"seed": "*"}]}', "leave no cell"),
     ('{"script": "x.py", "axes": {"seed": [1]}, "report": {"select": [{"name": "t", "arms": [], "by": "v"}]}}',
      'report.select[0]: expected {"name": ..., "arms": "glob" or ["glob", ...]'),
+    ('{"script": "x.py", "axes": {"model": {"a": {"args": ["--a"], "vars": {"head": "h"}}, "b": ["--b"]}, '
+     '"arm": {"held": ["--unscaled", "{head}"]}}}',
+     "cell model-b__arm-held: uses {head}, which only model a set(s)"),
+    ('{"script": "x.py", "vars": {"head": "h"}, "axes": {"model": {"a": {"args": [], "vars": {"head": "g"}}}}}',
+     "axis 'model' value 'a': sets {head}, which vars (or --set) sets for every cell"),
+    ('{"script": "x.py", "axes": {"model": {"a": {"argv": [], "vars": {"head": "g"}}}}}',
+     'axis \'model\' value \'a\': expected [args] or {"args": [args], "vars": {"name": "value"}}'),
+    ('{"script": "x.py", "axes": {"model": {"a": {"args": [], "vars": {"head": 1}}}}}',
+     'axis \'model\' value \'a\': expected [args] or {"args": [args], "vars"'),
 ])
 def test_bad_grid_is_one_line_naming_the_file(tmp_path, capsys, content, expected):
     path = tmp_path / "bad.json"
@@ -228,6 +238,54 @@ def test_bad_grid_is_one_line_naming_the_file(tmp_path, capsys, content, expecte
     assert study.main(["run", str(path), "--out", str(tmp_path / "o"), "--dry_run"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"error: {path}:") and expected in err
+
+
+def test_axis_values_set_variables_for_their_cells(tmp_path, capsys):
+    """A value written as {"args", "vars"} fills {name} in its cells' arguments only, once: a regex's {{2}} stays {2}."""
+    grid = write_grid(tmp_path, axes={
+        "model": {"small": {"args": ["--gain", "1"], "vars": {"head": "^9\\."}},
+                  "large": {"args": ["--gain", "2"], "vars": {"head": "^13\\."}}},
+        "arm": {"base": ["--init", "xavier"], "held": ["--init", "emergence", "--data", "{head}", "--sleep", "0"],
+                "quantified": ["--init", "emergence", "--data", "{head}x{{2}}"]},
+        "seed": [1]})
+    cells = {c.name: c.args for c in study.load_grid(grid).cells()}
+    assert cells["model-small__arm-held__seed-1"][-8:-2] == ["--init", "emergence", "--data", "^9\\.", "--sleep", "0"]
+    assert cells["model-large__arm-held__seed-1"][-8:-4] == ["--init", "emergence", "--data", "^13\\."]
+    assert cells["model-large__arm-quantified__seed-1"][-3] == "^13\\.x{2}"
+    assert cells["model-small__arm-base__seed-1"] == ["--data", "/nowhere/x", "--gain", "1", "--init", "xavier", "--seed", "1"]
+    out, report = tmp_path / "study", tmp_path / "report"
+    assert study.main(["run", str(grid), "--out", str(out), "--only", "arm-held"]) == 0
+    assert sorted(i[i.index("emergence") + 2] for i in invocations(out)) == ["^13\\.", "^9\\."]   # "--data" {head}
+    grid_raw = json.loads(grid.read_text())
+    grid_raw["report"] = {"metrics": ["val_score"], "labels": {"held": "head held"}}
+    grid.write_text(json.dumps(grid_raw))
+    assert study.main(["report", str(out), "--out", str(report), "--grid", str(grid)]) == 0
+    assert "head held = `held` (`--init emergence --data '{head}' --sleep 0`)" in (report / "README.md").read_text()
+
+
+def test_shipped_grid_head_variables_name_the_models_classifier():
+    """Each model's {head} in a shipped grid matches exactly its classifier's weight and bias (the last Linear)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("_vision_run_heads", ROOT / "examples" / "vision" / "run.py")
+    vision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vision)
+    checked = 0
+    for path in sorted((ROOT / "benchmarks" / "grids").glob("*.json")):
+        grid = study.load_grid(path, {"data_root": "/data"})
+        for axis, per_value in grid.value_vars.items():
+            for value, variables in per_value.items():
+                if "head" not in variables:
+                    continue
+                cell = next(c for c in grid.cells() if c.values[axis] == value)
+                args = vision.parse_args(cell.args + ["--output_dir", "/tmp/unused", "--init", "kaiming"])
+                model = vision.build_model(args, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
+                last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+                held = [n for n, _ in model.named_parameters() if re.search(variables["head"], n)]
+                assert held == [f"{last}.weight", f"{last}.bias"], (path.name, value, held)
+                checked += 1
+    assert checked >= 4
 
 
 def test_shipped_grids_load_and_expand():
