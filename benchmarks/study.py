@@ -19,7 +19,7 @@
         "optimizer": {"adamw": ["--optimizer", "adamw"], "sgd": ["--optimizer", "sgd", "--learning_rate", "0.1"]},
         "arm": {"default": ["--init", "default"], "emergence_a1.2": ["--init", "emergence", "--alpha", "1.2"]},
         "seed": [1, 2, 3],                                   # a list of values v means ["--<axis>", "v"]
-        "model": {"cnn": {"args": ["--model_type", "cnn"], "vars": {"head": "^17\\."}}}  # a value can set {head}
+        "model": {"cnn": {"args": ["--model_type", "cnn"], "vars": {"head": "^16\\."}}}  # a value can set {head}
       },
       "exclude": [{"optimizer": "sgd", "arm": "warmup_*"}],  # optional: cells matching every key (fnmatch) are dropped
       "report": {                                            # optional
