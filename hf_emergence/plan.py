@@ -296,11 +296,16 @@ class EmergencePlan:
         """The lines printed under the layer table: what is scaled, the smallest activation scale, the notes and
         the weights left alone, grouped by reason."""
         scaled = [e for e in self.entries if e.scaled]
+        unscaled = [re.compile(x) for x in self.settings.get("unscaled", ())]
         kept = [e for e in self.entries if e.layer is None]
+        held = [e for e in kept if _matches(unscaled, e.name, e.aliases)]
+        by_role = [e for e in kept if e not in held]
         tail = (f"{len(scaled)} tensors ({sum(e.numel for e in scaled):,} params) scaled across {len(self.layers())} "
                 f"layers in {len(self.chains)} chain(s)")
-        if kept:
-            tail += f"; {len(kept)} tensors keep their scale ({', '.join(sorted({e.role for e in kept}))})"
+        if by_role:
+            tail += f"; {len(by_role)} tensors keep their scale ({', '.join(sorted({e.role for e in by_role}))})"
+        if held:
+            tail += f"; {len(held)} held at factor 1 by unscaled="
         lines = [tail, f"smallest cumulative activation scale along a chain: {self.min_activation_scale():.3g}",
                  *(f"note: {n}" for n in self.notes)]
         if self.left_out:
@@ -343,7 +348,7 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
     """
     exclude = [re.compile(p) for p in settings.get("exclude", ())]
     unscaled = [re.compile(p) for p in settings.get("unscaled", ())]
-    held: set[str] = set()
+    held: dict[str, Any] = {}   # parameter -> the k it would have had
     unscaled_roles = UNSCALED_ROLES[settings["attention"]]
     layer_unit = layout.layer_unit if settings["layer_unit"] == "auto" else settings["layer_unit"]
     canonical = {alias: name for name, names in aliases.items() for alias in names}
@@ -398,14 +403,15 @@ def build_plan(layout: Layout, settings: dict[str, Any], shapes: dict[str, tuple
             for m in members:
                 hold = _matches(unscaled, m.param, aliases.get(m.param, ()))
                 if hold and k is not None and m.role not in unscaled_roles:
-                    held.add(m.param)
+                    held[m.param] = k
                 keep = m.role in unscaled_roles or k is None or hold
                 factor = 1.0 if keep else scale_factor(settings["alpha"], k, settings["scale_mode"])
                 entries.append(PlanEntry(name=m.param, chain=chain_name, layer=None if keep else index, block=block_name,
                                          role=m.role, k=None if keep else k, factor=factor, shape=shapes[m.param],
                                          fan_in=m.fan_in, fan_out=m.fan_out, aliases=aliases.get(m.param, ()), init=m.init))
     if held:
-        notes.append(f"{len(held)} tensor(s) matching unscaled= re-drawn at factor 1, counted in the numbering")
+        shown = ", ".join(f"{name} (k={format_k(k)})" for name, k in list(held.items())[:3]) + (" ..." if len(held) > 3 else "")
+        notes.append(f"{len(held)} tensor(s) matching unscaled= re-drawn at factor 1, counted in the numbering: {shown}")
     idle = [p for p, rx in zip(settings.get("unscaled", ()), unscaled)
             if not any(_matches([rx], e.name, e.aliases) for e in entries)]
     if idle:

@@ -166,7 +166,8 @@ def test_unscaled_tensors_keep_their_base_draw_and_the_others_their_exponents():
                                               applied(EmergenceInit(alpha=1.0)))
     assert [r["k"] for r in plan.layers()] == [r["k"] for r in full.layers()][:-1] == [-2, -1, 0, 1]
     assert plan["8.weight"].factor == 1.0 and plan["8.weight"].k is None and full["8.weight"].k == 2
-    assert any("1 tensor(s) matching unscaled=" in n for n in plan.notes)
+    assert "note: 1 tensor(s) matching unscaled= re-drawn at factor 1, counted in the numbering: 8.weight (k=2)" in str(plan)
+    assert "3 tensors (432 params) scaled across 4 layers in 1 chain(s); 1 held at factor 1 by unscaled=" in str(plan)
     for name, p in held.named_parameters():
         reference = dict(base.named_parameters() if name.startswith("8.") else plain.named_parameters())[name]
         assert torch.equal(p, reference), name
