@@ -41,7 +41,8 @@ Variables are replaced in ``common_args``, axis arguments and ``requires`` (``{d
 to the repository root (the subprocess's working directory); ``--data_root`` given on the command line is made
 absolute. ``{out}`` is the study folder and ``{run_dir}`` the run's folder. An axis value written as
 ``{"args": [...], "vars": {...}}`` sets those variables for the cells that have it (e.g. each model names its own
-classifier for an arm's ``--unscaled {head}``); every cell that uses such a variable must have a value that sets it.
+classifier for an arm's ``--unscaled {head}``); every cell that uses such a variable must have a value that sets it,
+and it fills arguments only (``script``, ``requires`` and ``env`` are the same for every cell).
 
 **Runs.** A cell's run name is ``axis-value`` joined by ``__`` (e.g. ``optimizer-sgd__arm-default__seed-1``); it
 runs as ``LAUNCHER SCRIPT COMMON_ARGS AXIS_ARGS... --output_dir OUT/RUN`` (plus ``--resume_from_checkpoint latest``
@@ -217,13 +218,17 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
     value_vars = _value_vars(raw.get("axes"), variables, fail)
     deferred = {k for per_value in value_vars.values() for vv in per_value.values() for k in vv}
 
-    def subst(s: Any, what: str) -> str:
+    def subst(s: Any, what: str, per_cell: bool = True) -> str:
+        """``s`` with ``{name}`` filled from vars; a name an axis value sets is held for the cell (args only)."""
         if not isinstance(s, (str, int, float)) or isinstance(s, bool):
             raise fail(f"{what}: expected a string argument, got {json.dumps(s)}")
         s = str(s)
         try:
-            return s.format_map(_Vars(variables, deferred))
+            return s.format_map(_Vars(variables, deferred if per_cell else set()))
         except KeyError as err:
+            if err.args[0] in deferred:
+                raise fail(f"{what}: {s!r} uses {{{err.args[0]}}}, which an axis value sets; {what} is the same for "
+                           "every cell, so expected a name from vars (per-cell variables fill arguments only)") from None
             raise fail(f"{what}: {s!r} uses {{{err.args[0]}}}, which is not in vars ({', '.join(sorted(variables)) or 'none'}) "
                        "nor given with --set") from None
         except (ValueError, IndexError) as err:
@@ -258,7 +263,7 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
     exclude = raw.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(r, dict) and r and set(r) <= set(axes) for r in exclude):
         raise fail(f'expected "exclude": a list of objects keyed by axis names ({", ".join(axes)}) with fnmatch patterns')
-    requires = [subst(x, "requires") for x in raw.get("requires", [])] if isinstance(raw.get("requires", []), list) else None
+    requires = [subst(x, "requires", per_cell=False) for x in raw.get("requires", [])] if isinstance(raw.get("requires", []), list) else None
     if requires is None:
         raise fail('expected "requires": a list of paths')
     report = raw.get("report", {})
@@ -300,9 +305,9 @@ def load_grid(path: str | os.PathLike, overrides: Optional[dict[str, str]] = Non
     env = raw.get("env", {})
     if not isinstance(env, dict):
         raise fail('expected "env": an object of environment variables')
-    grid = Grid(path=p, name=str(raw.get("name") or p.stem), script=subst(raw["script"], "script"),
+    grid = Grid(path=p, name=str(raw.get("name") or p.stem), script=subst(raw["script"], "script", per_cell=False),
                 description=str(raw.get("description", "")), common_args=common_args, axes=axes, exclude=exclude,
-                vars=variables, requires=requires, report=report, env={k: subst(v, "env") for k, v in env.items()},
+                vars=variables, requires=requires, report=report, env={k: subst(v, f"env {k}", per_cell=False) for k, v in env.items()},
                 value_vars=value_vars)
     cells = grid.cells()
     if not cells:

@@ -231,6 +231,10 @@ def test_first_epoch_from_curve_and_select(tmp_path):
      'axis \'model\' value \'a\': expected [args] or {"args": [args], "vars": {"name": "value"}}'),
     ('{"script": "x.py", "axes": {"model": {"a": {"args": [], "vars": {"head": 1}}}}}',
      'axis \'model\' value \'a\': expected [args] or {"args": [args], "vars"'),
+    ('{"script": "x.py", "requires": ["{head}/x"], "axes": {"model": {"a": {"args": [], "vars": {"head": "g"}}}}}',
+     "requires: '{head}/x' uses {head}, which an axis value sets; requires is the same for every cell"),
+    ('{"script": "x.py", "env": {"H": "{head}"}, "axes": {"model": {"a": {"args": [], "vars": {"head": "g"}}}}}',
+     "env H: '{head}' uses {head}, which an axis value sets"),
 ])
 def test_bad_grid_is_one_line_naming_the_file(tmp_path, capsys, content, expected):
     path = tmp_path / "bad.json"
