@@ -11,8 +11,9 @@ A transformers model names its main input (``main_input_name``); the batch for i
                      (1, T, C, H, W) with T = ``num_frames`` for video models
 ``input_values``     raw audio: (1, 16000), then (1, C, 16000) with C = ``audio_channels``; a spectrogram
                      (1, ``max_length``, ``num_mel_bins``) first when the config has both
-``input_features``   spectrogram frames: (1, F, T) and (1, T, F), F = ``num_mel_bins`` (or ``feature_size``, ...),
-                     T = 2 * ``max_source_positions`` when the config has it (a ``*_mask`` over the frames)
+``input_features``   spectrogram frames: (1, F, T) and (1, T, F), F = ``feature_projection_input_dim`` (stacked
+                     frames) or ``num_mel_bins`` (``feature_size``, ...), T = 200, then T = 2 *
+                     ``max_source_positions`` (Whisper's fixed length) when the config has it (a ``*_mask`` over the frames)
 ``past_values``      a time series: (1, ``context_length`` + largest lag, channels), with ``past_time_features``
                      and ``past_observed_mask`` when ``forward`` needs them
 ``inputs_embeds``    (1, 8, ``hidden_size``) vectors (also Perceiver's ``inputs``, with ``d_model``)
@@ -42,7 +43,7 @@ import torch.nn as nn
 ExampleInputs = Any
 
 SEQ_LEN, AUDIO_SAMPLES, IMAGE_SIZE, FRAMES = 8, 16000, 32, 2
-_FEATURE_FIELDS = ("num_mel_bins", "feature_size", "n_mels", "num_mel_filters", "input_feat_per_channel", "input_dim")
+_FEATURE_FIELDS = ("feature_projection_input_dim", "num_mel_bins", "feature_size", "n_mels", "num_mel_filters", "input_feat_per_channel", "input_dim")
 
 
 @dataclass
@@ -85,6 +86,7 @@ def build_batches(model: nn.Module, watched: Sequence[nn.Module] = ()) -> Batche
             batch["use_cache"] = False
         if "bbox" in accepted and "input_ids" in batch:  # layout models: one box per token
             batch["bbox"] = torch.tensor([[[0, 0, 1, 1]]]).expand(1, batch["input_ids"].shape[1], 4).contiguous()
+        batch.update(_optional_inputs(config, accepted, batch))
         for name in names[1:] + required:
             if name in batch:
                 continue
@@ -97,7 +99,8 @@ def build_batches(model: nn.Module, watched: Sequence[nn.Module] = ()) -> Batche
                 continue
             batch[name] = extra
         else:
-            out.candidates.append((describe(batch), batch))
+            if all(describe(batch) != seen for seen, _ in out.candidates):
+                out.candidates.append((describe(batch), batch))
     if not out.candidates and out.gap is None:
         out.gap = f"no batch for {names[0]!r} can be built from {type(config).__name__}"
     return out
@@ -206,8 +209,8 @@ def _features(config: Any) -> list[dict[str, torch.Tensor]]:
     if isinstance(channels, int) and getattr(config, "input_feat_per_channel", None):
         features *= channels
     positions = _field(configs, ("max_source_positions",))
-    frames = 2 * positions if isinstance(positions, int) else 200
-    out = [{"input_features": _pattern(1, features, frames)}, {"input_features": _pattern(1, frames, features)}]
+    lengths = [200] + ([2 * positions] if isinstance(positions, int) and 2 * positions != 200 else [])
+    out = [{"input_features": _pattern(1, *shape)} for frames in lengths for shape in ((features, frames), (frames, features))]
     if getattr(config, "is_encoder_decoder", False):
         ids = token_ids(config)
         if ids is not None:
@@ -293,6 +296,28 @@ def _with_other_modalities(batches: list[dict[str, torch.Tensor]], main: str, co
                 image = torch.full((1, length), image_token, dtype=torch.long)
                 batch["input_ids"] = torch.cat([image, batch["input_ids"]], dim=1)
     return combined + batches
+
+
+def _optional_inputs(config: Any, accepted: set[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Arguments that ``forward`` declares optional but the model cannot run without, named by its config.
+
+    ``lang_ids`` (1,) for X-MOD's language adapters (``languages``); LXMERT's ``visual_feats`` / ``visual_pos``
+    (1, 4, ``visual_feat_dim`` / ``visual_pos_dim``); NaFlex images (SigLIP 2: forward takes ``spatial_shapes``)
+    as (1, 16, C * P * P) patches of a 4 x 4 grid, with ``spatial_shapes`` [[4, 4]] and a full ``pixel_attention_mask``.
+    """
+    extra: dict[str, torch.Tensor] = {}
+    if "lang_ids" in accepted and getattr(config, "languages", None):
+        extra["lang_ids"] = torch.zeros(1, dtype=torch.long)
+    feats, pos = getattr(config, "visual_feat_dim", None), getattr(config, "visual_pos_dim", None)
+    if {"visual_feats", "visual_pos"} <= accepted and isinstance(feats, int) and isinstance(pos, int):
+        extra.update(visual_feats=_pattern(1, 4, feats), visual_pos=_pattern(1, 4, pos).abs())
+    vision = _sub(config, "vision_config")[-1]
+    patch = getattr(vision, "patch_size", None)
+    if {"spatial_shapes", "pixel_attention_mask"} <= accepted and "pixel_values" in batch and isinstance(patch, int):
+        channels = _field([vision], ("num_channels", "in_channels"), 3)
+        extra.update(pixel_values=_pattern(1, 16, channels * patch * patch), spatial_shapes=torch.tensor([[4, 4]]),
+                     pixel_attention_mask=torch.ones(1, 16, dtype=torch.long))
+    return extra
 
 
 def _extra(name: str, config: Any, batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:

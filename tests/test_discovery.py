@@ -128,8 +128,8 @@ def test_registry_mismatch_falls_back_with_warning():
 
 
 # ---- the table of tiny models discovery must handle (issues 16 and 11) ------------------------------------------------
-from tiny_models import (_DECISION, _ENCODEC, _MIXTRAL, _SWIN, DECISION_BATCH, HierarchicalTransformer, ItemGated,  # noqa: E402
-                         NonzeroRouted, RepVGG, StatefulNet, TimmStyleNet, WeightNormedConvNet, bart_decoder, hf_model,
+from tiny_models import (_DECISION, _ENCODEC, _LXMERT, _MIXTRAL, _SIGLIP2, _SWIN, _XMOD, DECISION_BATCH,  # noqa: E402
+                         HierarchicalTransformer, ItemGated, NonzeroRouted, RepVGG, StatefulNet, TimmStyleNet, WeightNormedConvNet, bart_decoder, hf_model,
                          marian_encoder)
 
 
@@ -203,6 +203,16 @@ TABLE = {
                      {"embed.weight": "outside the repeated blocks", "head.weight": "outside the repeated blocks"}),
     "swin": (lambda: hf_model("swin", _SWIN), {"pixel_values": torch.randn(1, 3, 32, 32)}, "traced", "model",
              {"encoder": 7}, {"embeddings.patch_embeddings.projection.weight": "outside the repeated blocks"}),
+    # forward declares lang_ids / visual_feats / NaFlex patches optional but cannot run without them
+    "xmod": (lambda: hf_model("xmod", _XMOD), {**TOKENS, "lang_ids": torch.tensor([1])}, "traced", "model",
+             {"encoder": 3}, {}),
+    "lxmert": (lambda: hf_model("lxmert", _LXMERT), {**TOKENS, "visual_feats": torch.randn(1, 3, 8),
+                                                       "visual_pos": torch.rand(1, 3, 4)}, "traced", "model",
+               {"encoder": 4}, {}),
+    "siglip2": (lambda: hf_model("siglip2", _SIGLIP2),
+                {**TOKENS, "pixel_values": torch.randn(1, 6, 48), "spatial_shapes": torch.tensor([[2, 3]]),
+                 "pixel_attention_mask": torch.ones(1, 6, dtype=torch.long)}, "traced", "model",
+                {"encoder": 2, "text_model.encoder.layers": 2}, {}),
     "bart_decoder": (bart_decoder, TOKENS, "registry:bart", "registry", {"decoder": 4}, {"embed_tokens.weight": "embedding"}),
     "marian_encoder": (marian_encoder, TOKENS, "registry:marian", "registry", {"encoder": 3}, {}),
 }

@@ -140,6 +140,15 @@ _SWIN = dict(image_size=32, patch_size=2, embed_dim=8, depths=[2, 1, 2], num_hea
              mlp_ratio=2.0)
 _ENCODEC = dict(hidden_size=8, num_filters=4, upsampling_ratios=[2, 2], codebook_size=16, codebook_dim=8,
                 num_lstm_layers=1, audio_channels=1, target_bandwidths=[1.5], sampling_rate=800)
+# Models whose forward needs an argument it declares optional (hf_emergence.inputs._optional_inputs)
+_XMOD = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+             max_position_embeddings=32, languages=["en_XX", "de_DE"])
+_LXMERT = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, intermediate_size=32, l_layers=2, x_layers=1,
+               r_layers=1, visual_feat_dim=8, visual_pos_dim=4, max_position_embeddings=32)
+_SIGLIP2 = dict(text_config=dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16),
+                vision_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                   patch_size=4, num_patches=16))
 _DECISION = dict(state_dim=3, act_dim=2, hidden_size=16, n_layer=2, n_head=2, max_ep_len=10, n_positions=32, vocab_size=1)
 DECISION_BATCH = {"states": torch.linspace(-1, 1, 12).reshape(1, 4, 3), "actions": torch.linspace(-1, 1, 8).reshape(1, 4, 2),
                   "rewards": torch.ones(1, 4, 1), "returns_to_go": torch.linspace(1, 0, 4).reshape(1, 4, 1),
