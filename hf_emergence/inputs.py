@@ -23,7 +23,9 @@ A model whose config has a vision (audio, text) sub-config, or an image size, an
 ``pixel_values`` (``input_features``/``input_values``, ``input_ids``) gets those too, in a first batch (with ``image_seq_length`` image tokens
 in front of its ids when the config names an image token); a Qwen2-VL-style model taking
 ``grid_thw``/``image_grid_thw`` gets flattened patches with their grid (and image tokens in its ids). Other required arguments of ``forward`` are added when their name says what they are (``*_ids``,
-``attention_mask``, ``pixel_values``); one that cannot be built is named in :attr:`Batches.gap`.
+``attention_mask``, ``pixel_values``); one that cannot be built is named in :attr:`Batches.gap`. Some arguments
+``forward`` declares optional are needed all the same and are added from the config (X-MOD's ``lang_ids``,
+LXMERT's visual features, SigLIP 2's NaFlex patches: :func:`_optional_inputs`).
 ``use_cache=False`` is passed where ``forward`` takes it (no cache object is needed to see the order). A plain
 ``nn.Module`` gets a (2, C, 32, ...) batch for a leading ConvNd, (2, 8) ids for a leading Embedding, and
 (2, in) and (2, 8, in) batches for the input widths of its first three Linear layers (the first registered
