@@ -18,7 +18,10 @@ consistency (tied widths: the built batch no longer runs), the depth alone is sh
   ``apply`` does after planning); every planned tensor must equal its old value times the planned factor and
   every other parameter must be unchanged (``factor_errors``);
 * ``meta``: the same config built under ``torch.device("meta")`` and planned there (no weights); whether its
-  plan (names, factors) equals the plan of the real model (``meta_agrees``).
+  plan (names, factors) equals the plan of the real model (``meta_agrees``);
+* ``full``: for a plan left in registration order (no forward pass ran on the tiny model), the type's default
+  config at its own sizes, built on the meta device and planned there (``full_source``): whether the forward
+  order is lost to the benchmark's shrink or to discovery itself (then ``full_warning`` says which pass failed).
 
 A "crash" is an exception raised by hf_emergence in ``plan`` or in applying it; a model whose every chain has
 one layer is "refused" (the plan's single-layer rule: nothing would be scaled), counted apart. Each model runs in a forked worker
@@ -41,6 +44,7 @@ import traceback
 import warnings
 from collections import Counter
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,6 +72,7 @@ TARGETS = ((LAYER_FIELDS, 2), (WIDTH_FIELDS, 32), (HEAD_FIELDS, 2), (FFN_FIELDS,
            (("head_dim",), 16), (HEAD_PART_FIELDS, 16), (RANK_FIELDS, 16), (("num_experts_per_tok",), 2),
            (("mamba_n_heads",), 2), (("mamba_d_head",), 32), (("moe_k", "moe_topk", "num_experts_per_token"), 2))
 ALPHA = 1.2
+LEGACY_VERSION = "5.24.0"  # rows written before each row named its transformers version were measured with it
 MILD_LIMIT = 150_000_000  # parameters: largest depth-only shrink built when the full shrink does not run
 
 
@@ -145,13 +150,15 @@ def shrink(config: Any, widths: bool = True, _seen: Optional[set] = None) -> Any
     return config
 
 
-def tiny_config(model_type: str, widths: bool = True) -> Any:
+def tiny_config(model_type: str, widths: Optional[bool] = True) -> Any:
+    """The type's default config shrunk by :func:`shrink` (``widths=None``: not shrunk, the config's own sizes)."""
     from transformers import AutoConfig
 
-    return shrink(AutoConfig.for_model(model_type), widths)
+    config = AutoConfig.for_model(model_type)
+    return config if widths is None else shrink(config, widths)
 
 
-def build(model_type: str, widths: bool = True, device: str = "cpu") -> Any:
+def build(model_type: str, widths: Optional[bool] = True, device: str = "cpu") -> Any:
     import torch
     from transformers import AutoModel
 
@@ -196,7 +203,9 @@ def measure(model_type: str) -> dict[str, Any]:
     """Everything recorded for one model type (see the module docstring)."""
     import torch
 
-    row: dict[str, Any] = {"model_type": model_type}
+    import transformers
+
+    row: dict[str, Any] = {"model_type": model_type, "transformers": transformers.__version__}
     t0 = time.perf_counter()
     try:
         model, widths = build(model_type), True
@@ -248,6 +257,13 @@ def measure(model_type: str) -> dict[str, Any]:
                    meta_agrees=[(e.name, e.factor) for e in meta_plan] == [(e.name, e.factor) for e in plan])
     except Exception as err:
         row.update(meta_error=_first_line(err))
+    if plan.source == "registration-order":  # the shrink or discovery? the config's own sizes, without weights
+        try:
+            full_plan, full_layout, full_caught = plan_with_layout(build(model_type, None, "meta"))
+            row.update(full_source=full_plan.source, full_order=full_layout.order,
+                       full_warning=next((w for w in full_caught if "could not trace" in w), None))
+        except Exception as err:
+            row.update(full_error=_first_line(err))
     row.update(status="ok", seconds=round(time.perf_counter() - t0, 2))
     return row
 
@@ -328,6 +344,7 @@ def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         reasons.update(r.get("left_out_reasons", {}))
     return {
         "model_types": len(rows), "unbuildable": len(rows) - len(built), "built": len(built),
+        "rows_by_transformers": dict(sorted(Counter(r.get("transformers", LEGACY_VERSION) for r in rows.values()).items())),
         "crashes": sorted(r["model_type"] for r in built if r["status"] == "crash"),
         "refused": sorted(r["model_type"] for r in built if r["status"] == "refused"),
         "timeouts": sorted(r["model_type"] for r in built if r["status"] in ("timeout", "died")),
@@ -335,6 +352,10 @@ def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "share_registry_or_traced": round(real_order / len(planned), 4) if planned else None,
         "by_order": dict(Counter(r.get("order") for r in planned)),
         "registration_order": sorted(r["model_type"] for r in planned if r["source"] == "registration-order"),
+        "full_size_by_source": dict(Counter(r.get("full_source", "not measured" if "full_error" not in r else "error")
+                                            for r in planned if r["source"] == "registration-order")),
+        "full_size_registration_order": sorted(r["model_type"] for r in planned if r["source"] == "registration-order"
+                                               and r.get("full_source", "registration-order") == "registration-order"),
         "weights": sum(r.get("weights", 0) for r in planned), "entries": sum(r.get("entries", 0) for r in planned),
         "left_out": sum(r.get("left_out", 0) for r in planned), "left_out_by_reason": dict(reasons.most_common()),
         "unlisted": sum(len(r.get("unlisted", [])) for r in planned),
@@ -345,12 +366,35 @@ def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_report(out: Path, rows: dict[str, dict[str, Any]], command: str) -> dict[str, Any]:
+def _versions(by_version: dict[str, int]) -> str:
+    """``5.25.0`` when every row has it, else ``5.24.0 (546 rows), 5.25.0 (85 rows)``: rows say what measured them."""
+    if len(by_version) == 1:
+        return next(iter(by_version))
+    return ", ".join(f"{v} ({n} rows)" for v, n in by_version.items())
+
+
+def command_history(out: Path, command: Optional[str], types: int) -> list[dict[str, Any]]:
+    """The measuring commands recorded in ``out/coverage.json`` so far, plus ``command`` when it measured ``types``."""
+    import transformers
+
+    try:
+        meta = json.loads((out / "coverage.json").read_text())["meta"]
+    except (OSError, ValueError, KeyError):
+        meta = {}
+    history = list(meta.get("commands") or ([{"command": meta["command"], "date": meta.get("date"),
+                                              "transformers": meta.get("transformers")}] if "command" in meta else []))
+    if command is not None:
+        history.append({"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "transformers": transformers.__version__, "model_types": types})
+    return history
+
+
+def write_report(out: Path, rows: dict[str, dict[str, Any]], commands: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
     import transformers
 
     summary = summarise(rows)
-    meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    meta = {"commands": commands, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "alpha": ALPHA}
     (out / "coverage.json").write_text(json.dumps({"meta": meta, "summary": summary,
@@ -359,7 +403,7 @@ def write_report(out: Path, rows: dict[str, dict[str, Any]], command: str) -> di
     share = f"{100 * s['share_registry_or_traced']:.1f}%" if s["share_registry_or_traced"] is not None else "n/a"
     lines = [
         "# Layer discovery over transformers' model types (tiny configs)", "",
-        f"transformers {meta['transformers']}, torch {meta['torch']}: every `model_type` of `AutoModel`'s mapping, "
+        f"transformers {_versions(s['rows_by_transformers'])}, torch {meta['torch']}: every `model_type` of `AutoModel`'s mapping, "
         "built from `AutoConfig.for_model` with its sizes shrunk (see `benchmarks/bench_coverage.py`), then planned "
         f"and applied with `EmergenceInit(alpha={ALPHA})`.", "",
         "| quantity | value |", "|---|---|",
@@ -382,8 +426,12 @@ def write_report(out: Path, rows: dict[str, dict[str, Any]], command: str) -> di
         "", "Weights left out, by reason:", "", "| reason | weights |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in s["left_out_by_reason"].items()], "",
         "Plans in registration order (no forward pass possible): " + (", ".join(s["registration_order"]) or "none"), "",
+        "The same types at their config's own sizes (built on the meta device, planned there): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(s["full_size_by_source"].items())) + ". Still in registration "
+        "order (a limit of discovery, not of the shrink): " + (", ".join(s["full_size_registration_order"]) or "none"), "",
         f"Meta-device plans by source: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["meta_by_source"].items())), "",
-        "Command:", "", "```", command, "```", "",
+        "Commands (in order; a later one measured its types again):", "", "```",
+        *[f"{c['command']}    # {c.get('date')}, transformers {c.get('transformers')}" for c in commands], "```", "",
         f"Run {meta['date']}. Per model type: `coverage.json` (`rows`).", ""]
     (out / "coverage.md").write_text("\n".join(lines))
     return summary
@@ -395,7 +443,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     rows = load_results(results_path)
-    command = "python benchmarks/bench_coverage.py" + (f" --only '{args.only}'" if args.only else "")
+    command = ("python benchmarks/bench_coverage.py" + (f" --only '{args.only}'" if args.only else "")
+               + (" --redo" if args.redo else ""))
     if not args.report:
         todo = [t for t in model_types(args.only)
                 if args.redo or t not in rows or rows[t]["status"] in ("timeout", "died")]  # overruns: again
@@ -404,6 +453,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with results_path.open("a") as log:
             for i, model_type in enumerate(todo):
                 row = worker.run(model_type, args.timeout)
+                row.setdefault("transformers", version("transformers"))  # an overrun's row, made here
                 if row["status"] in ("timeout", "died"):
                     worker = Worker()
                 rows[model_type] = row
@@ -412,7 +462,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"[{i + 1}/{len(todo)}] {model_type}: {row['status']} {row.get('source', row.get('error', ''))}",
                       flush=True)
         worker.close()
-    summary = write_report(out, rows, command)
+    summary = write_report(out, rows, command_history(out, None if args.report else command,
+                                                      0 if args.report else len(todo)))
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=1))
     return 0
 

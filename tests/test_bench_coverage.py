@@ -31,8 +31,21 @@ def test_measure_and_report(tmp_path):
         assert row["status"] == "ok" and row["source"] == "traced" and row["order"] == "model"
         assert row["factor_errors"] == 0 and row["unlisted"] == [] and row["meta_agrees"]
     assert rows["mixtral"]["meta_order"] == "fake" and rows["bert"]["left_out_reasons"]["embedding"] == 3
-    rows["gone"] = {"model_type": "gone", "status": "unbuildable", "error": "ValueError: x"}
-    summary = bench.write_report(tmp_path, rows, "python benchmarks/bench_coverage.py")
+    rows["gone"] = {"model_type": "gone", "status": "unbuildable", "error": "ValueError: x",
+                    "transformers": rows["bert"]["transformers"]}
+    commands = bench.command_history(tmp_path, "python benchmarks/bench_coverage.py", 3)
+    summary = bench.write_report(tmp_path, rows, commands)
     assert summary["built"] == 2 and summary["share_registry_or_traced"] == 1.0 and summary["crashes"] == []
     assert json.loads((tmp_path / "coverage.json").read_text())["summary"] == summary
     assert "**100.0%**" in (tmp_path / "coverage.md").read_text()
+    report = (tmp_path / "coverage.md").read_text()
+    assert f"transformers {rows['bert']['transformers']}," in report   # every row measured by this version
+    # a later command that measures a type again is appended to the ones before, and the rows say their version
+    rows["bert"]["transformers"] = "0.0.1"
+    later = bench.command_history(tmp_path, "python benchmarks/bench_coverage.py --only bert --redo", 1)
+    assert [c["command"] for c in later] == ["python benchmarks/bench_coverage.py",
+                                             "python benchmarks/bench_coverage.py --only bert --redo"]
+    summary = bench.write_report(tmp_path, rows, later)
+    report = (tmp_path / "coverage.md").read_text()
+    assert "--only bert --redo    #" in report and "0.0.1 (1 rows)" in report and summary["rows_by_transformers"]["0.0.1"] == 1
+    assert bench.command_history(tmp_path, None, 0) == later                # --report alone adds none
