@@ -203,9 +203,7 @@ def measure(model_type: str) -> dict[str, Any]:
     """Everything recorded for one model type (see the module docstring)."""
     import torch
 
-    import transformers
-
-    row: dict[str, Any] = {"model_type": model_type, "transformers": transformers.__version__}
+    row: dict[str, Any] = {"model_type": model_type, "transformers": version("transformers")}
     t0 = time.perf_counter()
     try:
         model, widths = build(model_type), True
@@ -352,7 +350,7 @@ def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "share_registry_or_traced": round(real_order / len(planned), 4) if planned else None,
         "by_order": dict(Counter(r.get("order") for r in planned)),
         "registration_order": sorted(r["model_type"] for r in planned if r["source"] == "registration-order"),
-        "full_size_by_source": dict(Counter(r.get("full_source", "not measured" if "full_error" not in r else "error")
+        "full_size_by_source": dict(Counter(r.get("full_source") or ("error" if "full_error" in r else "not measured")
                                             for r in planned if r["source"] == "registration-order")),
         "full_size_registration_order": sorted(r["model_type"] for r in planned if r["source"] == "registration-order"
                                                and r.get("full_source", "registration-order") == "registration-order"),
@@ -375,8 +373,6 @@ def _versions(by_version: dict[str, int]) -> str:
 
 def command_history(out: Path, command: Optional[str], types: int) -> list[dict[str, Any]]:
     """The measuring commands recorded in ``out/coverage.json`` so far, plus ``command`` when it measured ``types``."""
-    import transformers
-
     try:
         meta = json.loads((out / "coverage.json").read_text())["meta"]
     except (OSError, ValueError, KeyError):
@@ -385,7 +381,7 @@ def command_history(out: Path, command: Optional[str], types: int) -> list[dict[
                                               "transformers": meta.get("transformers")}] if "command" in meta else []))
     if command is not None:
         history.append({"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "transformers": transformers.__version__, "model_types": types})
+                        "transformers": version("transformers"), "model_types": types})
     return history
 
 

@@ -45,7 +45,8 @@ import torch.nn as nn
 ExampleInputs = Any
 
 SEQ_LEN, AUDIO_SAMPLES, IMAGE_SIZE, FRAMES = 8, 16000, 32, 2
-_FEATURE_FIELDS = ("feature_projection_input_dim", "num_mel_bins", "feature_size", "n_mels", "num_mel_filters", "input_feat_per_channel", "input_dim")
+_FEATURE_FIELDS = ("feature_projection_input_dim", "num_mel_bins", "feature_size", "n_mels", "num_mel_filters",
+                   "input_feat_per_channel", "input_dim")
 
 
 @dataclass
@@ -101,8 +102,9 @@ def build_batches(model: nn.Module, watched: Sequence[nn.Module] = ()) -> Batche
                 continue
             batch[name] = extra
         else:
-            if all(describe(batch) != seen for seen, _ in out.candidates):
-                out.candidates.append((describe(batch), batch))
+            shown = describe(batch)
+            if all(shown != seen for seen, _ in out.candidates):  # NaFlex patches replace every image shape
+                out.candidates.append((shown, batch))
     if not out.candidates and out.gap is None:
         out.gap = f"no batch for {names[0]!r} can be built from {type(config).__name__}"
     return out
@@ -212,7 +214,8 @@ def _features(config: Any) -> list[dict[str, torch.Tensor]]:
         features *= channels
     positions = _field(configs, ("max_source_positions",))
     lengths = [200] + ([2 * positions] if isinstance(positions, int) and 2 * positions != 200 else [])
-    out = [{"input_features": _pattern(1, *shape)} for frames in lengths for shape in ((features, frames), (frames, features))]
+    out = [{"input_features": _pattern(1, *shape)}
+           for frames in lengths for shape in ((features, frames), (frames, features))]
     if getattr(config, "is_encoder_decoder", False):
         ids = token_ids(config)
         if ids is not None:

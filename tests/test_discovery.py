@@ -129,8 +129,8 @@ def test_registry_mismatch_falls_back_with_warning():
 
 # ---- the table of tiny models discovery must handle (issues 16 and 11) ------------------------------------------------
 from tiny_models import (_DECISION, _ENCODEC, _LXMERT, _MIXTRAL, _SIGLIP2, _SWIN, _XMOD, DECISION_BATCH,  # noqa: E402
-                         HierarchicalTransformer, ItemGated, NonzeroRouted, RepVGG, StatefulNet, TimmStyleNet, WeightNormedConvNet, bart_decoder, hf_model,
-                         marian_encoder)
+                         HierarchicalTransformer, ItemGated, NonzeroRouted, RepVGG, StatefulNet, TimmStyleNet,
+                         WeightNormedConvNet, bart_decoder, hf_model, marian_encoder)
 
 
 def _runner(model, name):
