@@ -81,7 +81,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "coverage"), help="results folder")
     p.add_argument("--only", default=None, help="regex: only model types matching it (re.search)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model type (build + plan + apply + meta)")
-    p.add_argument("--report", action="store_true", help="only rewrite coverage.json / coverage.md from results.jsonl")
+    p.add_argument("--report", action="store_true", help="only rewrite coverage.json / coverage.md from the rows recorded so far")
     p.add_argument("--redo", action="store_true", help="measure the selected types again instead of skipping them")
     return p.parse_args(argv)
 
@@ -322,10 +322,23 @@ def model_types(only: Optional[str]) -> list[str]:
     return [t for t in types if re.search(only, t)] if only else types
 
 
-def load_results(path: Path) -> dict[str, dict[str, Any]]:
+def load_results(out: Path) -> dict[str, dict[str, Any]]:
+    """Rows by model type: the committed ``coverage.json`` ones, then ``results.jsonl``'s (later lines win).
+
+    ``results.jsonl`` is a local log (gitignored); reading the committed rows first means a fresh clone's
+    ``--report`` rewrites the same report, and an ``--only`` run there adds to the committed rows instead of
+    replacing them.
+    """
     rows: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
+    try:
+        committed = json.loads((out / "coverage.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        committed = []
+    for row in committed:
+        rows[row["model_type"]] = row
+    log = out / "results.jsonl"
+    if log.exists():
+        for line in log.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
                 rows[row["model_type"]] = row
@@ -438,7 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    rows = load_results(results_path)
+    rows = load_results(out)
     command = ("python benchmarks/bench_coverage.py" + (f" --only '{args.only}'" if args.only else "")
                + (" --redo" if args.redo else ""))
     if not args.report:

@@ -49,3 +49,20 @@ def test_measure_and_report(tmp_path):
     report = (tmp_path / "coverage.md").read_text()
     assert "--only bert --redo    #" in report and "0.0.1 (1 rows)" in report and summary["rows_by_transformers"]["0.0.1"] == 1
     assert bench.command_history(tmp_path, None, 0) == later                # --report alone adds none
+
+
+def test_report_on_a_fresh_clone_keeps_the_committed_rows(tmp_path):
+    """results.jsonl is a local log (gitignored): ``--report`` without it rewrites the committed rows, not none."""
+    bench = _bench()
+    rows = {"gone": {"model_type": "gone", "status": "unbuildable", "error": "ValueError: x", "transformers": "5.0.0"},
+            "bert": bench.measure("bert")}
+    committed = bench.write_report(tmp_path, rows, bench.command_history(tmp_path, "python benchmarks/bench_coverage.py", 2))
+    before = json.loads((tmp_path / "coverage.json").read_text())
+    assert not (tmp_path / "results.jsonl").exists()
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 0
+    after = json.loads((tmp_path / "coverage.json").read_text())
+    assert after["rows"] == before["rows"] and after["summary"] == committed and after["summary"]["built"] == 1
+    assert after["meta"]["commands"] == before["meta"]["commands"]
+    # a local log's later row for a type replaces the committed one
+    (tmp_path / "results.jsonl").write_text(json.dumps({**rows["bert"], "status": "crash"}) + "\n")
+    assert bench.load_results(tmp_path)["bert"]["status"] == "crash" and "gone" in bench.load_results(tmp_path)
