@@ -3,7 +3,8 @@
 ``PreTrainedModel.__init__`` ends with ``post_init()``, which calls ``init_weights()``: the model's
 standard init, then weight tying. :class:`EmergenceInitMixin` overrides ``init_weights`` to rescale
 right after that, when the config carries ``emergence_init`` settings. ``from_pretrained`` builds the
-model on the meta device, where the mixin does nothing, so a saved checkpoint is never rescaled twice.
+model on the meta device, where the mixin does nothing, so a saved checkpoint is never rescaled twice; a later
+``init_weights()`` / ``post_init()`` on the loaded model leaves weights that match the record's fingerprint alone.
 
 **Drawing once.** Nested sub-models (an encoder, a decoder) run their own ``post_init`` during
 construction. While a model with a base-init re-draw is built, those nested ``init_weights`` calls tie
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from .distributed import is_partitioned, zero3_enabled
 from .emergence_init import SETTING_NAMES, EmergenceInit
+from .record import holds_recorded_weights
 
 
 def _build_device() -> torch.device:
@@ -93,7 +95,7 @@ class EmergenceInitMixin:
             for nested in deferred or ():
                 _stock_init_weights(nested)
             super().init_weights()  # type: ignore[misc]
-        if init is not None:
+        if init is not None and not holds_recorded_weights(self):  # loaded weights that carry it: init_weights() again
             plan = init.apply(self, force=True)  # type: ignore[arg-type]
             _initialise_left_out(self, skipped, plan)
 

@@ -96,12 +96,17 @@ def already_applied(model: nn.Module) -> Optional[str]:
     record = get_record(model)
     if record is None:
         return None
-    stored = record.get("fingerprint")
-    if isinstance(stored, dict) and stored and _matches(model, stored):
+    if holds_recorded_weights(model):
         return "config.emergence_init records the init and the weights are the ones it produced"
     if any(getattr(p, "_is_hf_initialized", False) for p in model.parameters()):
         return "its weights were loaded from a checkpoint whose config.emergence_init records the init"
     return None
+
+
+def holds_recorded_weights(model: nn.Module) -> bool:
+    """Whether ``model``'s record has a fingerprint and its weights match it: they are the ones the init produced."""
+    stored = (get_record(model) or {}).get("fingerprint")
+    return isinstance(stored, dict) and bool(stored) and _matches(model, stored)
 
 
 @torch.no_grad()

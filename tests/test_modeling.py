@@ -144,6 +144,26 @@ def test_mixin_applies_when_built_from_config_and_never_on_load(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+@pytest.mark.parametrize("base_init", ["keep", "auto"])
+@pytest.mark.parametrize("call", ["init_weights", "post_init"])
+def test_mixin_leaves_loaded_weights_alone_when_init_weights_runs_again(base_init, call, tmp_path):
+    """A loaded checkpoint that carries the init is neither rescaled (alpha**k twice) nor re-drawn by a later
+    ``init_weights()`` / ``post_init()``, while a fresh build from its saved config still gets the init."""
+    config = hf_config("marian")
+    config.emergence_init = EmergenceInit(alpha=1.5, base_init=base_init).to_dict()
+    torch.manual_seed(0)
+    TinyMarian(config).save_pretrained(tmp_path)
+    loaded = TinyMarian.from_pretrained(tmp_path)
+    saved = {k: v.clone() for k, v in loaded.state_dict().items()}
+    getattr(loaded, call)()
+    assert getattr(loaded, "emergence_plan", None) is None
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    torch.manual_seed(1)
+    fresh = TinyMarian(AutoConfig.from_pretrained(tmp_path))
+    assert fresh.emergence_plan is not None and not torch.equal(fresh.state_dict()[k], saved[k])
+
+
 def test_mixin_without_settings_is_a_plain_model():
     torch.manual_seed(0)
     plain = type("Plain", (MarianMTModel,), {})(hf_config("marian"))
